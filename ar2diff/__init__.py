@@ -1,0 +1,1 @@
+"""dparallel.ar2diff."""

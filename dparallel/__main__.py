@@ -1,0 +1,3 @@
+from dparallel.cli import main
+
+main()

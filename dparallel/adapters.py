@@ -1,0 +1,260 @@
+"""Model adapters: the only place that knows a model family's quirks.
+
+An adapter wraps a loaded model and its tokenizer and exposes one forward, ``logits(input_ids, attention_mask)``,
+whose output ``[B, L, V]`` is aligned so that ``logits[:, i]`` predicts the token at position ``i`` (the logit
+shift of Dream and of converted AR models is undone here), with bidirectional attention over the valid keys of
+each row (left padding is masked out and positions restart at 0 on the first real token, so a batched row
+decodes like the same row alone).
+
+Families: ``tiny`` (a stock Llama class used bidirectionally; the embedded default), ``llada`` and ``dream``
+(remote code), ``hf-mlm`` (any ``AutoModelForMaskedLM``). Register a new one with :func:`register_family`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+
+from dparallel.errors import DParallelError, require
+
+BUILTIN_PREFIX = "builtin:"
+MANIFEST = "dparallel.json"
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids a decoder needs. ``eot`` ends a turn (LLaDA's <|eot_id|>); ``eos`` fills the rest of the canvas."""
+
+    mask: int
+    eos: int
+    eot: int
+    pad: int
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set the class constants and, where needed, override ``_forward``."""
+
+    family: ClassVar[str] = ""
+    shift_logits: ClassVar[bool] = False  # True where the model predicts position i from i-1 (Dream, AR)
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    trust_remote_code: ClassVar[bool] = False
+
+    def __init__(self, model: PreTrainedModel, tokenizer, ids: SpecialIds, name: str = "", revision: str = ""):
+        require(
+            ids.mask != ids.pad,
+            f"mask id {ids.mask} equals the pad id: give the tokenizer a distinct pad token (or set model.pad_id)",
+        )
+        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+        self.name, self.revision = name, revision
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        return AutoModel.from_pretrained(path, dtype=dtype, revision=revision, trust_remote_code=cls.trust_remote_code)
+
+    @classmethod
+    def default_ids(cls, tokenizer) -> SpecialIds:
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        return SpecialIds(mask=tokenizer.mask_token_id, eos=eos, eot=eos, pad=pad)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: [B, L]; attention_mask: [B, L] (1 = real token) or None. Returns float logits [B, L, V]."""
+        logits = self._forward(input_ids, attention_mask)
+        if self.shift_logits:
+            # The model's logit at i-1 predicts token i; position 0 has no predecessor and reuses its own.
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    # ---- text ----------------------------------------------------------------------------------------------
+    def encode(self, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
+        """Token ids of each prompt, through the tokenizer's chat template when asked."""
+        if chat_template:
+            require(
+                getattr(self.tokenizer, "chat_template", None) is not None,
+                f"the tokenizer of {self.name!r} has no chat template: set data.chat_template=false",
+            )
+            return [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+                for p in prompts
+            ]
+        return [self.tokenizer(p).input_ids for p in prompts]
+
+    def answer_length(self, tokens: list[int]) -> int:
+        """Answer tokens up to and including the first EOS/EoT (the whole canvas if there is none)."""
+        for i, t in enumerate(tokens):
+            if t in (self.ids.eos, self.ids.eot):
+                return i + 1
+        return len(tokens)
+
+    def decode(self, tokens: list[int]) -> str:
+        """The answer text: tokens before the first EOS/EoT, special tokens dropped."""
+        n = self.answer_length(tokens)
+        if n and tokens[n - 1] in (self.ids.eos, self.ids.eot):
+            n -= 1
+        return self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+
+
+def bidirectional_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] key validity -> [B, 1, L, L] boolean mask: every query sees every valid key (no causality)."""
+    keys = attention_mask.bool()[:, None, None, :]
+    return keys.expand(-1, 1, attention_mask.shape[1], -1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions restart at 0 on each row's first real token (left padding does not shift RoPE)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TinyAdapter(ModelAdapter):
+    """The embedded default: ``LlamaForCausalLM`` made bidirectional by an explicit 4D attention mask."""
+
+    family = "tiny"
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        return LlamaForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # A 4D mask is used as given by transformers' masking utils: this is what makes the Llama bidirectional.
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=bidirectional_mask(attention_mask),
+            position_ids=position_ids_from_mask(attention_mask),
+        ).logits
+
+
+class LLaDAAdapter(ModelAdapter):
+    """GSAI-ML/LLaDA-8B-Instruct (remote code). Its linear layers are named q/k/v_proj, attn_out, ff_proj, up_proj,
+    ff_out (not o/gate/down_proj: a LoRA on those names would silently train nothing)."""
+
+    family = "llada"
+    trust_remote_code = True
+    lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+
+    @classmethod
+    def default_ids(cls, tokenizer) -> SpecialIds:
+        return SpecialIds(mask=126336, eos=126081, eot=126348, pad=126081)
+
+
+class DreamAdapter(ModelAdapter):
+    """Dream-org/Dream-v0-Instruct-7B (remote code, Qwen2 body). Logits are shifted: position i-1 predicts i."""
+
+    family = "dream"
+    trust_remote_code = True
+    shift_logits = True
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    @classmethod
+    def default_ids(cls, tokenizer) -> SpecialIds:
+        return SpecialIds(mask=151666, eos=151643, eot=151645, pad=151643)
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None or bool(attention_mask.all()):
+            return self.model(input_ids, "full").logits
+        # Dream's remote code takes a 4D boolean mask and explicit positions (its generation utils do the same).
+        return self.model(input_ids, bidirectional_mask(attention_mask), position_ids_from_mask(attention_mask)).logits
+
+
+class MaskedLMAdapter(ModelAdapter):
+    """Any Hugging Face masked LM (BERT, RoBERTa, ModernBERT ...): the mask id comes from its tokenizer."""
+
+    family = "hf-mlm"
+    lora_targets = ("query", "key", "value", "dense")
+
+    @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        return AutoModelForMaskedLM.from_pretrained(path, dtype=dtype, revision=revision)
+
+
+FAMILIES: dict[str, type[ModelAdapter]] = {}
+
+
+def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Add an adapter class to the registry under its ``family`` name (usable as a decorator)."""
+    FAMILIES[adapter.family] = adapter
+    return adapter
+
+
+for _adapter in (TinyAdapter, LLaDAAdapter, DreamAdapter, MaskedLMAdapter):
+    register_family(_adapter)
+
+
+def resolve_path(path: str) -> str:
+    """``builtin:NAME`` -> the folder shipped inside the package; anything else is returned unchanged."""
+    if path.startswith(BUILTIN_PREFIX):
+        folder = resources.files("dparallel") / "assets" / path[len(BUILTIN_PREFIX) :]
+        require(folder.is_dir(), f"no built-in model {path!r}: the shipped one is 'builtin:tiny-teacher'")
+        return str(folder)
+    return path
+
+
+def read_manifest(path: str) -> dict:
+    """The ``dparallel.json`` of a local folder, or {} when there is none."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DParallelError(f"{file} is not valid JSON ({e.msg}): re-export the folder") from None
+
+
+def load_adapter(
+    path: str,
+    family: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+) -> ModelAdapter:
+    """Load model + tokenizer at ``path`` (a local folder, ``builtin:NAME`` or a Hub id) through its family.
+
+    The family comes from the argument, else from the folder's ``dparallel.json``. Nothing is downloaded when
+    ``path`` is local; a Hub id downloads the weights (HF_HUB_OFFLINE=1 turns that into a clear error).
+    """
+    local = resolve_path(path)
+    manifest = read_manifest(local)
+    family = family or manifest.get("family")
+    require(family is not None, f"cannot tell the model family of {path!r}: set model.family ({', '.join(FAMILIES)})")
+    require(family in FAMILIES, f"unknown model family {family!r}: choose from {', '.join(sorted(FAMILIES))}")
+    require(
+        not local.startswith((".", "/")) or Path(local).is_dir(),
+        f"model folder {local} does not exist: check model.path",
+    )
+    cls = FAMILIES[family]
+    torch_dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local, revision=revision, trust_remote_code=cls.trust_remote_code)
+        model = cls.load_model(local, torch_dtype, revision)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DParallelError(f"cannot load model {path!r}: {first}") from None
+    model = model.to(device).eval()
+    ids = cls.default_ids(tokenizer)
+    overrides = manifest.get("ids", {})
+    if overrides:
+        ids = SpecialIds(**{**ids.__dict__, **overrides})
+    return cls(model, tokenizer, ids, name=manifest.get("name", path), revision=revision or "")

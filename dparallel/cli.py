@@ -1,0 +1,105 @@
+"""``python -m dparallel COMMAND [RECIPE.yaml] [key=value ...]`` (also the ``dparallel`` console script).
+
+Bad input (a recipe key, a file, a value) prints one line ``dparallel: error: ...`` and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dparallel.errors import DParallelError
+from dparallel.paths import recipes_dir
+
+COMMANDS = {
+    "train": "train the recipe's method (resumes from RUN_DIR/checkpoints/last.ckpt)",
+    "eval": "evaluate model.path on the synthetic suite with the recipe's decoders",
+    "generate": "decode prompts with model.path (or a folder given as MODEL) and the recipe's decode section",
+    "quickstart": "the whole pipeline on the embedded default, under run_dir",
+}
+
+
+def _keys_help() -> str:
+    import dparallel.methods  # noqa: F401  (registers the method sections)
+    from dparallel.config import describe_keys
+
+    lines = ["recipe keys (override any with key=value):"]
+    for key, default, doc in describe_keys():
+        lines.append(f"  {key:<34} {default:<22} {doc}")
+    return "\n".join(lines)
+
+
+class _KeysHelp(argparse.HelpFormatter):
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + _keys_help() + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dparallel", description="Train and run parallel decoders for dLLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_KeysHelp)
+        p.add_argument(
+            "args",
+            nargs="*",
+            metavar="[RECIPE.yaml|MODEL] key=value",
+            help="a recipe file (or, for generate, a model folder) then dotted overrides",
+        )
+        if name == "generate":
+            p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+            p.add_argument("--prompts-file", help="a text file, one prompt per line")
+            p.add_argument("--json", action="store_true", help="print one JSON object per answer, with stats")
+    return parser
+
+
+def _split(args: list[str]) -> tuple[str | None, list[str]]:
+    """First positional that is not key=value is the recipe (or model folder); the rest are overrides."""
+    head = args[0] if args and "=" not in args[0] else None
+    return head, [a for a in args if a != head]
+
+
+def run(argv: list[str]) -> int:
+    ns = build_parser().parse_args(argv)
+    head, overrides = _split(ns.args)
+    import dparallel.methods  # noqa: F401
+    from dparallel import commands
+    from dparallel.config import load_recipe
+
+    if ns.command == "generate":
+        recipe = head if head and head.endswith((".yaml", ".yml")) else None
+        if head and recipe is None:
+            overrides = [f"model.path={head}", *overrides]
+        cfg = load_recipe(recipe, overrides)
+        prompts = list(ns.prompt)
+        if ns.prompts_file:
+            if not os.path.isfile(ns.prompts_file):
+                raise DParallelError(f"prompts file {ns.prompts_file} not found")
+            prompts += [line.rstrip("\n") for line in open(ns.prompts_file) if line.strip()]
+        commands.generate(cfg, [p.replace("\\n", "\n") for p in prompts], as_json=ns.json)
+        return 0
+    if ns.command == "quickstart":
+        from dparallel.quickstart import quickstart
+
+        quickstart(load_recipe(head or str(recipes_dir() / "tiny" / "quickstart.yaml"), overrides))
+        return 0
+    if head is None:
+        raise DParallelError(f"{ns.command} needs a recipe: dparallel {ns.command} recipes/tiny/<recipe>.yaml")
+    cfg = load_recipe(head, overrides)
+    if ns.command == "train":
+        commands.train(cfg)
+    elif ns.command == "eval":
+        commands.evaluate_recipe(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(sys.argv[1:] if argv is None else argv)
+    except DParallelError as e:
+        print(f"dparallel: error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("dparallel: interrupted (a rerun resumes from the last checkpoint or shard)", file=sys.stderr)
+        code = 130
+    sys.exit(code)

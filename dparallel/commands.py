@@ -1,0 +1,99 @@
+"""What each CLI command does, given a resolved recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dparallel.config import save_recipe
+from dparallel.errors import require
+from dparallel.generator import Generator, load
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def train(cfg: DictConfig) -> Path:
+    """Fit the recipe's method; resume from RUN_DIR/checkpoints/last.ckpt when present; save RUN_DIR/model."""
+    import lightning as L
+
+    from dparallel.methods import METHODS
+    from dparallel.training import build_trainer, micro_batch, resume_path
+
+    require(cfg.method in METHODS, f"method={cfg.method!r} is not a training method: use one of {', '.join(METHODS)}")
+    method = METHODS[cfg.method]
+    run_dir = _run_dir(cfg)
+    if _is_rank_zero():
+        save_recipe(cfg, run_dir)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    micro, accumulate = micro_batch(cfg)
+    ckpt = resume_path(run_dir)
+    start_batch = 0
+    if ckpt is not None:
+        start_batch = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] * accumulate
+        print(f"resuming from {ckpt} (step {start_batch // accumulate})", flush=True)
+    module, loader = method.build(cfg, micro, start_batch)
+    trainer = build_trainer(cfg, run_dir)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    if trainer.is_global_zero:
+        method.save(module, cfg, run_dir / "model")
+        print(
+            f"trained {cfg.method} for {trainer.global_step} steps in {time.perf_counter() - start:.0f}s; "
+            f"model saved to {run_dir / 'model'}",
+            flush=True,
+        )
+    return run_dir / "model"
+
+
+def evaluate_recipe(cfg: DictConfig, generator: Generator | None = None) -> dict:
+    """Run the recipe's eval section on ``model.path`` (or the given generator); write the reports."""
+    from dparallel.evaluate import evaluate, write_report
+
+    run_dir = _run_dir(cfg)
+    save_recipe(cfg, run_dir)
+    generator = generator or load(
+        cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
+    )
+    suite = cfg.eval.suite
+    print(
+        f"evaluating {cfg.model.path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)",
+        flush=True,
+    )
+    rows = evaluate(generator, cfg.eval)
+    report = write_report(run_dir, cfg.model.path, f"suite/{suite.split}", rows, plot=cfg.eval.plot)
+    print(f"report: {run_dir / 'eval.md'}", flush=True)
+    return report
+
+
+def _dtype(cfg: DictConfig) -> str | None:
+    """None lets ``load`` choose: bfloat16 on GPU, float32 on CPU."""
+    return None if cfg.model.dtype == "auto" else cfg.model.dtype
+
+
+def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False) -> list:
+    """Decode prompts with the recipe's decode section; print text (or JSON lines with stats)."""
+    require(len(prompts) > 0, "no prompt given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    gen = load(
+        cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
+    )
+    outs = gen.generate(prompts, **OmegaConf.to_container(cfg.decode))
+    for o in outs:
+        if as_json:
+            print(json.dumps({"prompt": o.prompt, "text": o.text, "stats": o.stats.to_dict()}))
+        else:
+            print(f"{o.text}\n  [NFE {o.stats.nfe}, TPF {o.stats.tpf:.2f}, {o.stats.tokens_per_s:.0f} tok/s]")
+    return outs

@@ -1,0 +1,162 @@
+"""Decoding rules: given the model's proposal for the active block, choose which masked positions to commit.
+
+Every rule sees a :class:`Proposal` restricted to the active block window ``[B, W]`` and returns a boolean
+``[B, W]`` commit mask. Each rule commits at least one masked position per step in every row that still has
+masked positions in the window, and never a position that is not masked, so a block finishes in at most ``W``
+steps. Everything stays on the device: no host round-trip inside a rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dparallel.errors import require
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Proposal:
+    """What the model proposes on the active window.
+
+    tokens: [B, W] the candidate token per position (argmax, or Gumbel-max at temperature > 0)
+    confidence: [B, W] the rule's score per position (probability of ``tokens``; random under
+        ``remasking=random``); -inf where the position is not masked
+    logits: [B, W, V] the raw logits (rules that need more than the confidence use them)
+    masked: [B, W] True where the position is still masked
+    step: index of this step inside the block (0-based)
+    """
+
+    tokens: torch.Tensor
+    confidence: torch.Tensor
+    logits: torch.Tensor
+    masked: torch.Tensor
+    step: int
+
+
+def rank_in_row(score: torch.Tensor) -> torch.Tensor:
+    """[B, W] -> [B, W] rank of each entry when its row is sorted by descending score (0 = best)."""
+    order = score.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    return ranks
+
+
+def best_masked(score: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """[B, W] one-hot of the highest-scoring masked position per row (all False in rows with none masked)."""
+    best = score.masked_fill(~masked, NEG_INF).argmax(dim=1, keepdim=True)
+    return torch.zeros_like(masked).scatter_(1, best, True) & masked
+
+
+class Rule:
+    """Base class. ``fixed_steps`` rules run a known number of steps per block (no host sync to stop)."""
+
+    name: ClassVar[str] = ""
+
+    def steps_per_block(self, block_length: int) -> int:
+        """Upper bound on steps per block; every rule commits >= 1 token per step, so W always suffices."""
+        return block_length
+
+    @property
+    def fixed_steps(self) -> bool:
+        return False
+
+    def begin_block(self, masked: torch.Tensor) -> None:
+        """Called once per block with the block's mask state [B, W] before its first step."""
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TopK(Rule):
+    """LLaDA's schedule: a block's masks are split evenly over its steps (earlier steps take the remainder);
+    each step commits that many of the highest-confidence masked positions."""
+
+    name = "topk"
+
+    def __init__(self, steps: int, num_blocks: int):
+        require(steps % num_blocks == 0, f"steps={steps} must be a multiple of the number of blocks {num_blocks}")
+        self.steps = steps // num_blocks
+        self.schedule: torch.Tensor | None = None
+
+    def steps_per_block(self, block_length: int) -> int:
+        return self.steps
+
+    @property
+    def fixed_steps(self) -> bool:
+        return True
+
+    def begin_block(self, masked: torch.Tensor) -> None:
+        # schedule: [B, steps]; base = n // steps, the first n % steps steps take one more (LLaDA's rule).
+        n = masked.sum(dim=1, keepdim=True)
+        extra = torch.arange(self.steps, device=masked.device)[None, :] < (n % self.steps)
+        self.schedule = n // self.steps + extra.long()
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        k = self.schedule[:, p.step : p.step + 1]
+        return (rank_in_row(p.confidence) < k) & p.masked
+
+
+class Confidence(Rule):
+    """Fast-dLLM's threshold: commit every masked position whose confidence is >= tau, and always the best one."""
+
+    name = "confidence"
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        return ((p.confidence >= self.threshold) & p.masked) | best_masked(p.confidence, p.masked)
+
+
+class Entropy(Rule):
+    """dParallel's rule: commit every masked position whose predictive entropy is below the threshold, and always
+    the lowest-entropy one. Entropy in nats of softmax(logits) at temperature 1."""
+
+    name = "entropy"
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        logp = torch.log_softmax(p.logits.float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)  # [B, W]
+        return ((entropy < self.threshold) & p.masked) | best_masked(-entropy, p.masked)
+
+
+class Factor(Rule):
+    """Fast-dLLM's factor rule: with masked confidences sorted c_1 >= c_2 >= ..., commit the longest prefix
+    whose members all satisfy (n + 1)(1 - c_n) <= f; at least one position per step."""
+
+    name = "factor"
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        conf = p.confidence.masked_fill(~p.masked, NEG_INF)
+        ordered = conf.sort(dim=1, descending=True, stable=True).values  # [B, W]
+        n = torch.arange(1, conf.shape[1] + 1, device=conf.device)[None, :]
+        ok = ((n + 1) * (1 - ordered) <= self.factor) & torch.isfinite(ordered)
+        keep = ok.long().cumprod(dim=1).sum(dim=1, keepdim=True).clamp(min=1)  # longest passing prefix, >= 1
+        return (rank_in_row(conf) < keep) & p.masked
+
+
+def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, factor: float) -> Rule:
+    """Construct a built-in rule from decoding options (components register further rules in the engine)."""
+    if name == "topk":
+        return TopK(steps, num_blocks)
+    if name == "confidence":
+        require(0.0 < threshold <= 1.0, f"confidence threshold {threshold} must be in (0, 1]")
+        return Confidence(threshold)
+    if name == "entropy":
+        require(threshold > 0.0, f"entropy threshold {threshold} must be > 0 (nats)")
+        return Entropy(threshold)
+    if name == "factor":
+        require(factor > 0.0 and math.isfinite(factor), f"factor {factor} must be a positive number")
+        return Factor(factor)
+    raise KeyError(name)

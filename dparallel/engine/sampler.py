@@ -1,0 +1,199 @@
+"""The decoding loop: semi-autoregressive blocks over a masked canvas, one rule choosing commits per step.
+
+Semantics follow LLaDA's reference ``generate`` exactly for the ``topk`` rule (same schedule, same Gumbel-max in
+float64 over the whole sequence, same ``low_confidence``/``random`` remasking, ``cfg_scale``, ``logits_eos_inf`` and
+``confidence_eos_eot_inf``), and the other rules swap only the selection step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dparallel.adapters import ModelAdapter
+from dparallel.engine.rules import NEG_INF, Proposal, Rule, build_rule
+from dparallel.errors import require
+
+
+@dataclass
+class DecodeConfig:
+    """Decoding options. Names follow LLaDA's ``generate`` where it has one."""
+
+    rule: str = "topk"  # topk | confidence | entropy | factor
+    gen_length: int = 128  # canvas length (answer tokens) per prompt
+    block_length: int = 32  # semi-AR block; gen_length must be a multiple of it
+    steps: int | None = None  # topk: total steps over the canvas (default gen_length: one token per step)
+    temperature: float = 0.0  # Gumbel-max sampling temperature (0 = argmax)
+    remasking: str = "low_confidence"  # low_confidence | random (topk ordering score)
+    cfg_scale: float = 0.0  # classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`
+    threshold: float = 0.9  # confidence: probability >= tau; entropy: nats < threshold
+    factor: float = 1.0  # factor rule's f
+    logits_eos_inf: bool = False  # never propose EOS
+    confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
+    seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
+
+    def validate(self) -> None:
+        require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
+        require(
+            self.block_length > 0 and self.gen_length % self.block_length == 0,
+            f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}: "
+            "choose a block_length that divides it",
+        )
+        require(
+            self.remasking in ("low_confidence", "random"),
+            f"remasking={self.remasking!r}: use low_confidence or random",
+        )
+        require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0")
+        if self.steps is not None:
+            require(
+                0 < self.steps <= self.gen_length,
+                f"steps={self.steps} must be between 1 and gen_length={self.gen_length}",
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+
+@dataclass
+class DecodeStats:
+    """Per-answer statistics. ``nfe`` counts full-model forwards this row took part in while it still had masked
+    positions; ``answer_tokens`` counts tokens up to and including the first EOS/EoT."""
+
+    nfe: int
+    answer_tokens: int
+    wall_s: float
+    sampler_calls: int = 0
+
+    @property
+    def tpf(self) -> float:
+        return self.answer_tokens / max(self.nfe, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.answer_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tpf": self.tpf, "tokens_per_s": self.tokens_per_s}
+
+
+@dataclass
+class Canvas:
+    """A left-padded batch: x [B, P + G] (prompt, then G masks), attention_mask [B, P + G], prompt width P."""
+
+    x: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    order: torch.Tensor = field(default=None)  # [B, G] step at which each canvas position was committed
+
+
+def build_canvas(prompts: list[list[int]], gen_length: int, mask_id: int, pad_id: int, device) -> Canvas:
+    """Left-pad prompts to a common width P and append ``gen_length`` masks."""
+    require(len(prompts) > 0 and all(len(p) > 0 for p in prompts), "every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    x = torch.full((len(prompts), width + gen_length), mask_id, dtype=torch.long)
+    attn = torch.ones_like(x)
+    for i, p in enumerate(prompts):
+        x[i, : width - len(p)] = pad_id
+        attn[i, : width - len(p)] = 0
+        x[i, width - len(p) : width] = torch.tensor(p, dtype=torch.long)
+    order = torch.full((len(prompts), gen_length), -1, dtype=torch.long)
+    return Canvas(x.to(device), attn.to(device), width, order.to(device))
+
+
+def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gumbel-max in float64 exactly as LLaDA: exp(logits) / (-log u)^T, argmax of which samples at temperature T."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+class Sampler:
+    """Runs one decoding rule over batches of prompts with a model adapter."""
+
+    def __init__(self, adapter: ModelAdapter, config: DecodeConfig, rule: Rule | None = None):
+        config.validate()
+        self.adapter, self.config = adapter, config
+        self.rule = rule or build_rule(
+            config.rule,
+            steps=config.steps or config.gen_length,
+            num_blocks=config.num_blocks,
+            threshold=config.threshold,
+            factor=config.factor,
+        )
+
+    # ---- one model call ------------------------------------------------------------------------------------
+    def _logits(self, canvas: Canvas, prompt_positions: torch.Tensor) -> torch.Tensor:
+        """Full-sequence logits [B, L, V], with classifier-free guidance when cfg_scale > 0."""
+        x, attn = canvas.x, canvas.attention_mask
+        if self.config.cfg_scale <= 0:
+            return self.adapter.logits(x, attn)
+        unconditional = x.masked_fill(prompt_positions, self.adapter.ids.mask)
+        both = self.adapter.logits(torch.cat([x, unconditional]), torch.cat([attn, attn]))
+        cond, uncond = both.chunk(2)
+        return uncond + (self.config.cfg_scale + 1) * (cond - uncond)
+
+    def _propose(self, logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, gen) -> tuple:
+        """Candidate tokens [B, L] and their confidence [B, L] (-inf where not masked), LLaDA's way."""
+        cfg, ids = self.config, self.adapter.ids
+        if cfg.logits_eos_inf:
+            logits = logits.clone()
+            logits[:, :, ids.eos] = NEG_INF
+        tokens = add_gumbel_noise(logits, cfg.temperature, gen).argmax(dim=-1)
+        if cfg.remasking == "random":
+            conf = torch.rand(tokens.shape, dtype=torch.float32, device=x.device, generator=gen)
+        else:
+            conf_logits = logits.float()
+            if cfg.confidence_eos_eot_inf:
+                # LLaDA zeroes EoT's probability before the softmax; at temperature 0 its noisy logits are the
+                # logits themselves, so EOS is zeroed too. Reproduced as is so `topk` matches it token for token.
+                conf_logits = conf_logits.clone()
+                conf_logits[:, :, ids.eot] = NEG_INF
+                if cfg.temperature == 0:
+                    conf_logits[:, :, ids.eos] = NEG_INF
+            conf = conf_logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, conf.masked_fill(~masked, NEG_INF)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
+        """Decode a batch. Returns the canvas tokens [B, G], the commit order [B, G] and per-row stats."""
+        cfg, mask_id = self.config, self.adapter.ids.mask
+        device = self.adapter.device
+        canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
+        nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        start, step_total = time.perf_counter(), 0
+        for b in range(cfg.num_blocks):
+            lo = canvas.prompt_width + b * cfg.block_length
+            hi = lo + cfg.block_length
+            self.rule.begin_block(canvas.x[:, lo:hi] == mask_id)
+            for step in range(self.rule.steps_per_block(cfg.block_length)):
+                in_block = canvas.x[:, lo:hi] == mask_id  # [B, W]
+                active = in_block.any(dim=1)
+                if not self.rule.fixed_steps and not bool(active.any()):
+                    break
+                masked = canvas.x == mask_id
+                masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
+                logits = self._logits(canvas, prompt_positions)
+                tokens, conf = self._propose(logits, canvas.x, masked, gen)
+                proposal = Proposal(tokens[:, lo:hi], conf[:, lo:hi], logits[:, lo:hi], in_block, step)
+                commit = self.rule.select(proposal) & in_block
+                window = canvas.x[:, lo:hi]
+                canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)
+                order = canvas.order[:, lo - canvas.prompt_width : hi - canvas.prompt_width]
+                order.masked_fill_(commit, step_total)
+                nfe += active.long()
+                step_total += 1
+        wall = time.perf_counter() - start
+        out = canvas.x[:, canvas.prompt_width :]
+        stats = [
+            DecodeStats(int(n), self.adapter.answer_length(row), wall / len(prompts))
+            for n, row in zip(nfe.tolist(), out.tolist())
+        ]
+        return out, canvas.order, stats

@@ -1,0 +1,77 @@
+"""The public entry point: ``dparallel.load(path).generate(prompts, rule=..., ...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from dparallel.adapters import ModelAdapter, load_adapter, read_manifest, resolve_path
+from dparallel.engine.sampler import DecodeConfig, DecodeStats, Sampler
+from dparallel.errors import require
+
+_DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeConfig)}
+
+
+@dataclass
+class Generation:
+    """One answer: its text, canvas tokens [G], the step each position was committed at, and the stats."""
+
+    prompt: str
+    text: str
+    tokens: list[int]
+    order: list[int]
+    stats: DecodeStats
+
+
+class Generator:
+    """A model adapter plus decoding defaults; ``generate`` batches prompts through the engine."""
+
+    def __init__(self, adapter: ModelAdapter, defaults: dict | None = None):
+        self.adapter = adapter
+        self.defaults = dict(defaults or {})
+
+    def decode_config(self, **overrides) -> DecodeConfig:
+        unknown = set(overrides) - _DECODE_KEYS
+        require(not unknown, f"unknown decoding option(s) {sorted(unknown)}: use {', '.join(sorted(_DECODE_KEYS))}")
+        return DecodeConfig(**{**self.defaults, **overrides})
+
+    def generate(
+        self, prompts: list[str] | str, *, chat_template: bool = False, batch_size: int = 32, **decode
+    ) -> list[Generation]:
+        """Decode each prompt; ``decode`` takes any :class:`DecodeConfig` field (rule, threshold, gen_length ...)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = self.adapter.encode(prompts, chat_template)
+        return self.generate_ids(prompts, ids, batch_size=batch_size, **decode)
+
+    def generate_ids(
+        self, prompts: list[str], ids: list[list[int]], *, batch_size: int = 32, **decode
+    ) -> list[Generation]:
+        """Like :meth:`generate` for already-tokenised prompts."""
+        sampler = Sampler(self.adapter, self.decode_config(**decode))
+        out = []
+        for start in range(0, len(ids), batch_size):
+            tokens, order, stats = sampler.run(ids[start : start + batch_size])
+            for j, (row, row_order, st) in enumerate(zip(tokens.tolist(), order.tolist(), stats)):
+                text = self.adapter.decode(row)
+                out.append(Generation(prompts[start + j], text, row, row_order, st))
+        return out
+
+
+def pick_device(device: str = "auto") -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load(
+    path: str, *, family: str | None = None, device: str = "auto", dtype: str | None = None, revision: str | None = None
+) -> Generator:
+    """Load a model folder, ``builtin:NAME`` or Hub id as a ready :class:`Generator`.
+
+    Decoding defaults come from the folder's ``dparallel.json`` (``decoding``) when it has them.
+    """
+    device = pick_device(device)
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
+    manifest = read_manifest(resolve_path(path))
+    return Generator(adapter, manifest.get("decoding"))

@@ -1,0 +1,85 @@
+"""The method registry: ``recipe.method`` -> how to build its LightningModule and its training data.
+
+Adding a method: write its module (a :class:`~dparallel.training.DParallelModule` subclass) and its config
+dataclass, then add one :class:`Method` entry here; its recipe section becomes valid automatically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from dparallel.config import METHOD_SECTIONS
+from dparallel.pretrain import MaskedDiffusionModule, PretrainConfig
+from dparallel.training import DParallelModule
+
+
+@dataclass(frozen=True)
+class Method:
+    """``build(cfg, micro_batch, start_batch)`` returns the module and its train dataloader; ``save`` writes the
+    trained artifact into a folder."""
+
+    name: str
+    section: type
+    build: Callable[[DictConfig, int, int], tuple[DParallelModule, object]]
+    save: Callable[[DParallelModule, DictConfig, Path], None]
+
+
+def _build_pretrain(cfg: DictConfig, micro: int, start_batch: int):
+    from torch.utils.data import DataLoader
+
+    from dparallel.adapters import load_adapter
+    from dparallel.data.sft import SuiteBatches
+    from dparallel.tiny import new_tiny_adapter
+
+    if cfg.pretrain.init == "scratch":
+        adapter = new_tiny_adapter(cfg.tiny, seed=cfg.train.seed)
+    else:
+        adapter = load_adapter(cfg.model.path, family=cfg.model.family, revision=cfg.model.revision)
+    if cfg.lora.enabled:
+        from dparallel.training import apply_lora
+
+        apply_lora(adapter, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        adapter.model.gradient_checkpointing_enable()
+    rank, world = _rank_world()
+    ids = adapter.ids
+    stream = SuiteBatches(
+        adapter.tokenizer,
+        list(cfg.pretrain.tasks),
+        micro,
+        list(cfg.pretrain.gen_lengths),
+        ids.eos,
+        ids.pad,
+        seed=cfg.train.seed,
+        rank=rank,
+        world=world,
+        start_batch=start_batch,
+    )
+    return MaskedDiffusionModule(cfg, adapter), DataLoader(stream, batch_size=None, num_workers=cfg.train.num_workers)
+
+
+def _save_model(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.tiny import save_model_folder
+
+    save_model_folder(module.adapter, out, dtype=cfg.pretrain.save_dtype, recipe=cfg)
+
+
+def _rank_world() -> tuple[int, int]:
+    import os
+
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> None:
+    METHODS[method.name] = method
+    METHOD_SECTIONS[method.name] = method.section
+
+
+register_method(Method("pretrain", PretrainConfig, _build_pretrain, _save_model))

@@ -1,0 +1,162 @@
+"""The small shared base of every method: optimizer and schedule, LoRA through peft, logging, checkpoints and the
+Lightning Trainer built from the recipe (strategy, precision, devices, accumulation from the global batch)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from dparallel.adapters import ModelAdapter
+from dparallel.errors import DParallelError, require
+
+
+class DParallelModule(L.LightningModule):
+    """Base LightningModule. A method subclasses it and implements :meth:`compute_loss` (and, for RL, its own
+    ``training_step``). ``self.adapter.model`` is the network being trained (or the frozen base of a head)."""
+
+    def __init__(self, cfg: DictConfig, adapter: ModelAdapter):
+        super().__init__()
+        self.cfg, self.adapter = cfg, adapter
+        self.model = adapter.model
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return the scalar loss and the named parts to log."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=self._batch_size(batch))
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=self._batch_size(batch))
+        return loss
+
+    @staticmethod
+    def _batch_size(batch: dict) -> int:
+        return next(iter(batch.values())).shape[0]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        params = self.trainable_parameters()
+        require(len(params) > 0, "nothing to train: every parameter is frozen (check lora.* and the method)")
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, floor: float):
+    """Linear warm-up to 1, then constant or cosine decay to ``floor`` at ``total`` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    require(schedule in ("cosine", "constant"), f"train.schedule={schedule!r}: use cosine or constant")
+    return factor
+
+
+def apply_lora(adapter: ModelAdapter, cfg: DictConfig) -> None:
+    """Wrap ``adapter.model`` in a peft LoRA model. A target list that matches no module is an error."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(cfg.targets or adapter.lora_targets)
+    names = {n.rsplit(".", 1)[-1] for n, _ in adapter.model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    require(
+        not missing,
+        f"lora.targets {missing} match no module of the {adapter.family} model "
+        f"(its linear layers: {', '.join(sorted(_linear_names(adapter.model)))})",
+    )
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    adapter.model = get_peft_model(adapter.model, lora)
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def world_size() -> tuple[int, int]:
+    """(devices per node, nodes) from torchrun's environment, or (1, 1) for a plain process."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return local, max(1, int(os.environ.get("WORLD_SIZE", local)) // local)
+
+
+def micro_batch(cfg: DictConfig) -> tuple[int, int]:
+    """(per-device batch, accumulation) so that micro x accumulation x world == global batch."""
+    local, nodes = world_size()
+    world = local * nodes
+    t = cfg.train
+    micro = t.micro_batch_size or max(1, t.global_batch_size // world)
+    require(
+        t.global_batch_size % (micro * world) == 0,
+        f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size={micro} x "
+        f"world size {world}: change one of them",
+    )
+    return micro, t.global_batch_size // (micro * world)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
+    """A Lightning Trainer from the recipe: checkpoints in RUN_DIR/checkpoints (``last.ckpt`` for resume),
+    CSV logs in RUN_DIR/logs, wandb when asked."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t = cfg.train
+    cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
+    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if cuda else "32-true")
+    local, nodes = world_size()
+    _, accumulate = micro_batch(cfg)
+    strategy = t.strategy
+    if strategy == "auto" and local * nodes > 1:
+        strategy = "ddp"
+    if strategy.startswith("deepspeed"):
+        require(cuda, f"train.strategy={strategy} needs a GPU: use ddp (or auto) on CPU")
+    loggers = [CSVLogger(str(run_dir), name="logs", version="")]
+    if t.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=t.wandb_project, name=cfg.name, save_dir=str(run_dir)))
+    ckpt = ModelCheckpoint(
+        dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=t.checkpoint_every, save_top_k=0
+    )
+    return L.Trainer(
+        accelerator="gpu" if cuda else "cpu",
+        devices=local if local > 1 else (1 if t.devices == "auto" else t.devices),
+        num_nodes=nodes,
+        strategy=strategy,
+        precision=precision,
+        max_steps=t.max_steps,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=t.grad_clip if not strategy.startswith("fsdp") else None,
+        log_every_n_steps=t.log_every,
+        logger=loggers,
+        callbacks=[ckpt, *(extra_callbacks or [])],
+        enable_model_summary=False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,
+    )
+
+
+def resume_path(run_dir: Path) -> str | None:
+    """RUN_DIR/checkpoints/last.ckpt when a killed run left one, so ``train`` resumes instead of restarting."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        try:
+            torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:
+            raise DParallelError(f"checkpoint {last} is corrupt: delete it to restart from the previous one") from None
+        return str(last)
+    return None
