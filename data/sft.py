@@ -12,14 +12,13 @@ from collections.abc import Iterator
 
 import torch
 from dparallel.data.suite import make_example
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from dparallel.errors import require
 
 
-def encode_answer(tokenizer, answer: str, gen_length: int, eos_id: int) -> list[int]:
+def pad_answer(ids: list[int], gen_length: int, eos_id: int) -> list[int]:
     """Answer ids followed by EOS up to ``gen_length``; too long an answer is an error."""
-    ids = tokenizer(answer, add_special_tokens=False).input_ids
     require(len(ids) < gen_length, f"answer of {len(ids)} tokens does not fit gen_length={gen_length}")
     return ids + [eos_id] * (gen_length - len(ids))
 
@@ -69,16 +68,18 @@ class SuiteBatches(IterableDataset):
     def batch(self, i: int) -> dict[str, torch.Tensor]:
         rng = random.Random(f"{self.seed}|{i}|{self.rank}")
         gen_length = rng.choice(self.gen_lengths)
-        prompts, canvases = [], []
         base = (i * self.world + self.rank) * self.batch_size
-        for j in range(self.batch_size):
-            ex = make_example(rng.choice(self.tasks), "train", base + j, self.seed)
-            prompts.append(self.tokenizer(ex.prompt).input_ids)
-            canvases.append(encode_answer(self.tokenizer, ex.answer, gen_length, self.eos_id))
-        return collate(prompts, canvases, self.pad_id)
+        examples = [make_example(rng.choice(self.tasks), "train", base + j, self.seed) for j in range(self.batch_size)]
+        prompts = self.tokenizer([e.prompt for e in examples]).input_ids
+        answers = self.tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
+        return collate(prompts, [pad_answer(a, gen_length, self.eos_id) for a in answers], self.pad_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        i = self.start_batch
+        # DataLoader workers take batches round-robin (worker w makes batches w, w + n, ...) and the loader
+        # yields them in that same order, so the stream is identical for any number of workers.
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        i = self.start_batch + worker
         while True:
             yield self.batch(i)
-            i += 1
+            i += workers

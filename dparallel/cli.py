@@ -60,8 +60,13 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(argv: list[str]) -> int:
-    ns = build_parser().parse_args(argv)
-    head, overrides = _split(ns.args)
+    parser = build_parser()
+    # key=value overrides may come after --prompt options: collect the positionals argparse left over.
+    ns, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    head, overrides = _split(ns.args + extra)
     import dparallel.methods  # noqa: F401
     from dparallel import commands
     from dparallel.config import load_recipe
@@ -70,6 +75,13 @@ def run(argv: list[str]) -> int:
         recipe = head if head and head.endswith((".yaml", ".yml")) else None
         if head and recipe is None:
             overrides = [f"model.path={head}", *overrides]
+        from dparallel.generator import DECODE_KEYS
+
+        # Bare decoding options (rule=entropy threshold=0.5) belong to the decode section.
+        overrides = [
+            o if "." in o.split("=", 1)[0] or o.split("=", 1)[0] not in DECODE_KEYS else f"decode.{o}"
+            for o in overrides
+        ]
         cfg = load_recipe(recipe, overrides)
         prompts = list(ns.prompt)
         if ns.prompts_file:

@@ -52,6 +52,7 @@ class SuiteConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    schedule_steps: int | None = None  # length of the lr schedule (default max_steps); larger = stop mid-decay
     global_batch_size: int = 64  # per-device batch x accumulation x world size
     micro_batch_size: int | None = None  # per-device batch; default: global / world size (no accumulation)
     lr: float = 1e-3

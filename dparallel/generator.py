@@ -11,7 +11,7 @@ from dparallel.adapters import ModelAdapter, load_adapter, read_manifest, resolv
 from dparallel.engine.sampler import DecodeConfig, DecodeStats, Sampler
 from dparallel.errors import require
 
-_DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeConfig)}
+DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeConfig)}
 
 
 @dataclass
@@ -33,8 +33,8 @@ class Generator:
         self.defaults = dict(defaults or {})
 
     def decode_config(self, **overrides) -> DecodeConfig:
-        unknown = set(overrides) - _DECODE_KEYS
-        require(not unknown, f"unknown decoding option(s) {sorted(unknown)}: use {', '.join(sorted(_DECODE_KEYS))}")
+        unknown = set(overrides) - DECODE_KEYS
+        require(not unknown, f"unknown decoding option(s) {sorted(unknown)}: use {', '.join(sorted(DECODE_KEYS))}")
         return DecodeConfig(**{**self.defaults, **overrides})
 
     def generate(

@@ -50,6 +50,7 @@ def save_model_folder(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp.chmod(0o755)
     try:
         state_dtype = getattr(torch, dtype)
         original = next(model.parameters()).dtype

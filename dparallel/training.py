@@ -48,7 +48,7 @@ class DParallelModule(L.LightningModule):
         require(len(params) > 0, "nothing to train: every parameter is frozen (check lora.* and the method)")
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(t.warmup_steps, t.max_steps, t.schedule, t.min_lr_ratio)
+            opt, lr_lambda(t.warmup_steps, t.schedule_steps or t.max_steps, t.schedule, t.min_lr_ratio)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
