@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from dparallel.errors import DParallelError, require
 
@@ -246,6 +247,7 @@ def load_adapter(
     )
     cls = FAMILIES[family]
     torch_dtype = getattr(torch, dtype)
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own progress output
     try:
         tokenizer = AutoTokenizer.from_pretrained(local, revision=revision, trust_remote_code=cls.trust_remote_code)
         model = cls.load_model(local, torch_dtype, revision)

@@ -67,7 +67,6 @@ def run(argv: list[str]) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     head, overrides = _split(ns.args + extra)
-    import dparallel.methods  # noqa: F401
     from dparallel import commands
     from dparallel.config import load_recipe
 

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dparallel.config import save_recipe
+from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import require
 from dparallel.generator import Generator, load
 
@@ -63,6 +64,8 @@ def evaluate_recipe(cfg: DictConfig, generator: Generator | None = None) -> dict
     """Run the recipe's eval section on ``model.path`` (or the given generator); write the reports."""
     from dparallel.evaluate import evaluate, write_report
 
+    for spec in cfg.eval.decoders:  # fail before loading any weights
+        DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k != "name"}).validate()
     run_dir = _run_dir(cfg)
     save_recipe(cfg, run_dir)
     generator = generator or load(
@@ -87,6 +90,7 @@ def _dtype(cfg: DictConfig) -> str | None:
 def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False) -> list:
     """Decode prompts with the recipe's decode section; print text (or JSON lines with stats)."""
     require(len(prompts) > 0, "no prompt given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    DecodeConfig(**OmegaConf.to_container(cfg.decode)).validate()  # fail before loading any weights
     gen = load(
         cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
     )

@@ -106,6 +106,8 @@ METHOD_SECTIONS: dict[str, type] = {}
 
 def recipe_schema() -> Any:
     """The Recipe dataclass, built from the fixed sections plus every registered method section."""
+    import dparallel.methods  # noqa: F401  (registering the methods fills METHOD_SECTIONS)
+
     fixed = [
         ("name", str, field(default="recipe")),
         ("run_dir", str, field(default="runs/${name}")),

@@ -1,0 +1,93 @@
+"""The CLI: recipes merge over the schema; bad input is one line on stderr and exit code 2."""
+
+import json
+import shutil
+
+import pytest
+
+from dparallel.adapters import resolve_path
+from dparallel.cli import main
+from dparallel.config import load_recipe
+
+TEACHER = "builtin:tiny-teacher"
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert lines[0].startswith("dparallel: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_recipe_merges_and_overrides(tmp_path):
+    cfg = load_recipe("recipes/tiny/eval.yaml", ["eval.suite.n_per_task=3", f"run_dir={tmp_path}"])
+    assert cfg.eval.suite.n_per_task == 3
+    assert cfg.name == "eval" and cfg.model.path == TEACHER
+    assert [d.name for d in cfg.eval.decoders] == ["sequential", "confidence"]
+    assert cfg.eval.decoders[1].threshold == 0.9
+
+
+def test_unknown_key_suggests_the_closest(capsys):
+    code, _, err = run_cli(["eval", "recipes/tiny/eval.yaml", "train.lrr=1e-4"], capsys)
+    assert_one_line_error(code, err, "train.lrr", "did you mean 'train.lr'")
+
+
+def test_wrong_type(capsys):
+    code, _, err = run_cli(["eval", "recipes/tiny/eval.yaml", "eval.batch_size=many"], capsys)
+    assert_one_line_error(code, err, "eval.batch_size")
+
+
+def test_missing_recipe_file(capsys):
+    code, _, err = run_cli(["eval", "recipes/tiny/nope.yaml"], capsys)
+    assert_one_line_error(code, err, "recipes/tiny/nope.yaml", "not found")
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(["generate", str(tmp_path / "absent"), "--prompt", "copy: ab\n"], capsys)
+    assert_one_line_error(code, err, "absent")
+
+
+def test_gen_length_not_divisible_by_block(capsys):
+    args = ["generate", TEACHER, "--prompt", "copy: ab\n", "gen_length=20", "block_length=8"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "gen_length=20", "block_length=8")
+
+
+def test_pad_id_equal_to_mask_id(capsys, tmp_path):
+    folder = tmp_path / "bad"
+    shutil.copytree(resolve_path(TEACHER), folder)
+    manifest = json.loads((folder / "dparallel.json").read_text())
+    manifest["ids"]["pad"] = manifest["ids"]["mask"]
+    (folder / "dparallel.json").write_text(json.dumps(manifest))
+    code, _, err = run_cli(["generate", str(folder), "--prompt", "copy: ab\n"], capsys)
+    assert_one_line_error(code, err, "mask id 1 equals the pad id")
+
+
+def test_help_lists_recipe_keys(capsys):
+    code, out, _ = run_cli(["train", "--help"], capsys)
+    assert code == 0
+    assert "train.lr" in out and "decode.block_length" in out and "pretrain.gen_lengths" in out
+    assert "semi-AR block" in out  # the key's doc comment
+
+
+def test_generate_prints_answer_and_stats(capsys):
+    args = ["generate", TEACHER, "--prompt", "reverse: abc\n", "--json", "rule=confidence", "gen_length=32"]
+    code = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr().out
+    assert code == 0
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["text"] == "cba"
+    assert record["stats"]["nfe"] >= 1 and record["stats"]["answer_tokens"] == 4  # "cba" + EOS

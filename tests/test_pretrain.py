@@ -1,0 +1,83 @@
+"""Masked-diffusion pretraining: the loss, the batches, a tiny end-to-end train, resume, and the shipped teacher."""
+
+import torch
+from dparallel.data.sft import SuiteBatches, collate
+from dparallel.data.tokenizer import build_char_tokenizer
+from omegaconf import OmegaConf
+
+import dparallel
+from dparallel.commands import train
+from dparallel.config import load_recipe
+from dparallel.pretrain import mask_ratios, mdlm_loss
+
+TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
+
+
+def test_collate_left_pads_prompt_and_marks_it():
+    batch = collate([[5, 6, 7], [8]], [[9, 2], [10, 2]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 9, 2], [0, 0, 8, 10, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]]
+    assert batch["prompt_mask"].tolist() == [[True, True, True, False, False]] * 2
+
+
+def test_stratified_mask_ratios_cover_the_unit_interval():
+    p = mask_ratios(4, eps=0.0, stratified=True, generator=torch.Generator().manual_seed(0), device="cpu")
+    gaps = sorted(p.tolist())
+    assert all(abs((b - a) - 0.25) < 1e-6 for a, b in zip(gaps, gaps[1:]))
+
+
+def test_mdlm_loss_weights_by_inverse_mask_ratio_and_answer_length():
+    logits = torch.zeros(2, 3, 4)  # uniform: CE = log 4 everywhere
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    masked = torch.tensor([[True, False, True], [False, False, True]])
+    loss = mdlm_loss(logits, targets, masked, torch.tensor([0.5, 0.25]), torch.tensor([2.0, 1.0]))
+    ln4 = torch.log(torch.tensor(4.0))
+    assert torch.allclose(loss, (2 * ln4 / (0.5 * 2) + ln4 / (0.25 * 1)) / 2)
+
+
+def test_suite_batches_are_reproducible_and_rank_disjoint():
+    tok = build_char_tokenizer()
+    a = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
+    b = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
+    c = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=1, world=2).batch(3)
+    assert torch.equal(a["input_ids"], b["input_ids"])
+    assert not torch.equal(a["input_ids"][:, -64:], c["input_ids"][:, -64:])
+    assert (a["input_ids"][:, -1] == 2).all()  # the canvas ends in EOS padding
+
+
+def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
+    args = [
+        f"run_dir={tmp_path}",
+        "train.max_steps=3",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        "pretrain.gen_lengths=[16]",
+        "pretrain.tasks=[copy,reverse]",
+        "train.checkpoint_every=2",
+        *TINY,
+    ]
+    cfg = load_recipe("recipes/tiny/teacher.yaml", args + ["train.num_workers=0"])
+    model_dir = train(cfg)
+    rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    first_loss = float(rows[1].split(",")[2])
+    assert abs(first_loss - 4.5024) < 1e-3, first_loss  # fixed seed: a change to data, masking or loss moves it
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    gen = dparallel.load(str(model_dir), device="cpu")
+    assert gen.adapter.family == "tiny" and gen.adapter.ids.mask == 1
+    out = gen.generate(["copy: ab\n"], rule="confidence", gen_length=8, block_length=8)
+    assert len(out[0].tokens) == 8
+
+    # A rerun with a larger budget resumes from last.ckpt instead of starting over.
+    cfg = load_recipe("recipes/tiny/teacher.yaml", args + ["train.num_workers=0", "train.max_steps=4"])
+    train(cfg)
+    steps = [r.split(",")[1] for r in (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps[-1] == "3"
+
+
+def test_shipped_teacher_solves_pinned_prompts():
+    gen = dparallel.load("builtin:tiny-teacher", device="cpu")
+    prompts = ["reverse: hello\n", "add: 4700+3215\n", "sort: dcba\n"]
+    outs = gen.generate(prompts, rule="confidence", threshold=0.9, gen_length=128, block_length=32)
+    assert [o.text for o in outs] == ["olleh", "0+5+0=05,0+1+0=01,7+2+0=09,4+3+0=07 ####7915", "abcd"]
+    assert all(o.stats.nfe < 32 for o in outs)
+    assert OmegaConf.create(gen.adapter.model.config.to_dict()).num_hidden_layers == 6
