@@ -50,6 +50,8 @@ def train(cfg: DictConfig) -> Path:
     trainer = build_trainer(cfg, run_dir)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    # The final state too, so a rerun with a larger train.max_steps continues instead of repeating steps.
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     if trainer.is_global_zero:
         method.save(module, cfg, run_dir / "model")
         print(

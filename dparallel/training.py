@@ -124,7 +124,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         strategy = "ddp"
     if strategy.startswith("deepspeed"):
         require(cuda, f"train.strategy={strategy} needs a GPU: use ddp (or auto) on CPU")
-    loggers = [CSVLogger(str(run_dir), name="logs", version="")]
+    # One version folder per attempt (logs/version_N/metrics.csv): a resumed run keeps the earlier metrics.
+    loggers = [CSVLogger(str(run_dir), name="logs")]
     if t.wandb:
         from lightning.pytorch.loggers import WandbLogger
 

@@ -58,7 +58,7 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     ]
     cfg = load_recipe("recipes/tiny/teacher.yaml", args + ["train.num_workers=0"])
     model_dir = train(cfg)
-    rows = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     first_loss = float(rows[1].split(",")[2])
     assert abs(first_loss - 4.5024) < 1e-3, first_loss  # fixed seed: a change to data, masking or loss moves it
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -70,8 +70,9 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     # A rerun with a larger budget resumes from last.ckpt instead of starting over.
     cfg = load_recipe("recipes/tiny/teacher.yaml", args + ["train.num_workers=0", "train.max_steps=4"])
     train(cfg)
-    steps = [r.split(",")[1] for r in (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps[-1] == "3"
+    resumed = (tmp_path / "logs" / "version_1" / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in resumed] == ["3"]  # only the new step ran
+    assert (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines() == rows  # kept
 
 
 def test_shipped_teacher_solves_pinned_prompts():
