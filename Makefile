@@ -22,7 +22,7 @@ quickstart: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -q
 
 format: setup
 	$(VENV)/bin/ruff format .
