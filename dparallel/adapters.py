@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
 from dparallel.errors import DParallelError, require
@@ -45,6 +52,7 @@ class ModelAdapter:
     shift_logits: ClassVar[bool] = False  # True where the model predicts position i from i-1 (Dream, AR)
     lora_targets: ClassVar[tuple[str, ...]] = ()
     trust_remote_code: ClassVar[bool] = False
+    supports_cache: ClassVar[bool] = False  # implements prefill/extend (prefix and dual caches)
 
     def __init__(self, model: PreTrainedModel, tokenizer, ids: SpecialIds, name: str = "", revision: str = ""):
         require(
@@ -146,6 +154,30 @@ class TinyAdapter(ModelAdapter):
             attention_mask=bidirectional_mask(attention_mask),
             position_ids=position_ids_from_mask(attention_mask),
         ).logits
+
+    supports_cache = True
+
+    def prefill(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Full forward. Returns logits [B, L, V] and each layer's (keys, values) [B, H, L, D]."""
+        out = self.model(
+            input_ids=x,
+            attention_mask=bidirectional_mask(attn),
+            position_ids=position_ids_from_mask(attn),
+            use_cache=True,
+        )
+        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def extend(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, layers: list) -> torch.Tensor:
+        """Forward ``ids`` [B, W] at ``positions`` against cached (keys, values) per layer; ``key_valid`` [B, Lc + W]
+        marks the valid keys (cached context first, then the query). Returns logits [B, W, V]."""
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)  # a fresh cache per call: the query's own keys must not accumulate
+        mask = key_valid.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return out.logits
 
 
 class LLaDAAdapter(ModelAdapter):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dparallel.adapters import ModelAdapter
+from dparallel.engine.cache import CACHE_MODES, ContextCache
 from dparallel.engine.rules import NEG_INF, Proposal, Rule, build_rule
 from dparallel.errors import require
 
@@ -33,6 +34,8 @@ class DecodeConfig:
     logits_eos_inf: bool = False  # never propose EOS
     confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
     seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
+    cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate key/value caches)
+    cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
 
     def validate(self) -> None:
         require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
@@ -46,6 +49,9 @@ class DecodeConfig:
             f"remasking={self.remasking!r}: use low_confidence or random",
         )
         require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0")
+        require(self.cache in CACHE_MODES, f"cache={self.cache!r}: choose from {', '.join(CACHE_MODES)}")
+        require(self.cache == "none" or self.cfg_scale <= 0, "cfg_scale > 0 needs cache=none")
+        require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
         if self.steps is not None:
             require(
                 0 < self.steps <= self.gen_length,
@@ -158,6 +164,18 @@ class Sampler:
             conf = conf_logits.softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return tokens, conf.masked_fill(~masked, NEG_INF)
 
+    def _block_logits(
+        self, canvas: Canvas, cache: ContextCache | None, prompt_positions: torch.Tensor, lo: int, hi: int, step: int
+    ) -> tuple[torch.Tensor, int]:
+        """Logits and the canvas position of their first row: the whole sequence without a cache (LLaDA's
+        reference semantics, noise drawn over every position), the active block [lo, hi) with one."""
+        if cache is None:
+            return self._logits(canvas, prompt_positions), 0
+        refresh = step == 0 or (self.config.cache_refresh > 0 and step % self.config.cache_refresh == 0)
+        if refresh:
+            return cache.refresh(canvas.x, canvas.attention_mask, lo, hi)[:, lo:hi], lo
+        return cache.step(canvas.x, canvas.attention_mask, lo, hi)[:, : hi - lo], lo
+
     # ---- the loop ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
@@ -167,6 +185,7 @@ class Sampler:
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
+        cache = ContextCache(self.adapter, cfg.cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         start, step_total = time.perf_counter(), 0
         for b in range(cfg.num_blocks):
@@ -180,9 +199,11 @@ class Sampler:
                     break
                 masked = canvas.x == mask_id
                 masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
-                logits = self._logits(canvas, prompt_positions)
-                tokens, conf = self._propose(logits, canvas.x, masked, gen)
-                proposal = Proposal(tokens[:, lo:hi], conf[:, lo:hi], logits[:, lo:hi], in_block, step)
+                logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
+                span = slice(first, first + logits.shape[1])
+                tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
+                w = slice(lo - first, hi - first)
+                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step)
                 commit = self.rule.select(proposal) & in_block
                 window = canvas.x[:, lo:hi]
                 canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)

@@ -1,0 +1,57 @@
+"""Fast-dLLM's key/value caches for bidirectional dLLMs, over transformers' ``DynamicCache``.
+
+At a refresh (the first step of every block, and every ``cache_refresh`` steps inside it when that is > 0) the
+whole canvas goes through the model once and the keys/values of the *context* are kept:
+
+- ``prefix``: the context is everything before the active block; later steps forward the block and everything
+  after it (``[lo, L)``) against the cached prefix.
+- ``dual``: the context is everything outside the active block (prefix and suffix); later steps forward only the
+  block (``[lo, hi)``).
+
+Both are approximations: in a bidirectional model the context's keys/values depend on the block's tokens, which
+change between refreshes. Attention has no notion of key order (positions are baked in by RoPE before caching),
+so the cache holds the context keys in any order and the query block is appended after them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dparallel.adapters import ModelAdapter, position_ids_from_mask
+from dparallel.errors import require
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+class ContextCache:
+    """Holds the context keys/values of the active block and answers window forwards against them."""
+
+    def __init__(self, adapter: ModelAdapter, mode: str):
+        require(mode in CACHE_MODES, f"cache={mode!r}: choose from {', '.join(CACHE_MODES)}")
+        require(
+            adapter.supports_cache,
+            f"cache={mode} is not supported for the {adapter.family} family: use cache=none",
+        )
+        self.adapter, self.mode = adapter, mode
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.context: torch.Tensor | None = None  # [Lc] canvas positions held in the cache, in cache order
+
+    def query_span(self, lo: int, hi: int, length: int) -> tuple[int, int]:
+        """The positions a cached step forwards: the block (dual) or the block and everything after (prefix)."""
+        return (lo, hi) if self.mode == "dual" else (lo, length)
+
+    def refresh(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Full forward over the canvas; keep the context's keys/values. Returns logits [B, L, V]."""
+        logits, layers = self.adapter.prefill(x, attn)
+        q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
+        positions = torch.arange(x.shape[1], device=x.device)
+        self.context = positions[(positions < q_lo) | (positions >= q_hi)]
+        self.layers = [(k[:, :, self.context], v[:, :, self.context]) for k, v in layers]
+        return logits
+
+    def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Forward only the query span against the cached context. Returns logits [B, q_hi - q_lo, V]."""
+        q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
+        keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
+        positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
+        return self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
