@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "evaluate model.path on the synthetic suite with the recipe's decoders",
     "generate": "decode prompts with model.path (or a folder given as MODEL) and the recipe's decode section",
     "quickstart": "the whole pipeline on the embedded default, under run_dir",
+    "bench": "time the sampler against the bandwidth floor and LLaDA's reference loop; writes bench.json",
 }
 
 
@@ -101,6 +102,8 @@ def run(argv: list[str]) -> int:
         commands.train(cfg)
     elif ns.command == "eval":
         commands.evaluate_recipe(cfg)
+    elif ns.command == "bench":
+        commands.bench(cfg)
     return 0
 
 

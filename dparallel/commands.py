@@ -103,3 +103,24 @@ def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False) -> list
         else:
             print(f"{o.text}\n  [NFE {o.stats.nfe}, TPF {o.stats.tpf:.2f}, {o.stats.tokens_per_s:.0f} tok/s]")
     return outs
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Run the recipe's bench section; write RUN_DIR/bench.json and RUN_DIR/bench.md."""
+    from dparallel.bench import BenchConfig, markdown, random_shape_adapter, run_bench
+    from dparallel.generator import pick_device
+    from dparallel.io import atomic_write_json, atomic_write_text
+
+    run_dir = _run_dir(cfg)
+    save_recipe(cfg, run_dir)
+    bench_cfg = BenchConfig(**OmegaConf.to_container(cfg.bench))
+    if bench_cfg.shape:
+        adapter = random_shape_adapter(bench_cfg.shape, pick_device(cfg.model.device))
+    else:
+        adapter = load(cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg)).adapter
+    print(f"bench: {adapter.name} on {adapter.device}", flush=True)
+    report = run_bench(adapter, bench_cfg)
+    atomic_write_json(run_dir / "bench.json", report)
+    atomic_write_text(run_dir / "bench.md", markdown(report))
+    print(f"report: {run_dir / 'bench.json'}", flush=True)
+    return report

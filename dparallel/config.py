@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dparallel.bench import BenchConfig
 from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError
 
@@ -118,6 +119,7 @@ def recipe_schema() -> Any:
         ("lora", LoraConfig, field(default_factory=LoraConfig)),
         ("decode", DecodeConfig, field(default_factory=DecodeConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
+        ("bench", BenchConfig, field(default_factory=BenchConfig)),
     ]
     extra = [(k, v, field(default_factory=v)) for k, v in sorted(METHOD_SECTIONS.items())]
     return dataclasses.make_dataclass("Recipe", fixed + extra)

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dparallel.config import METHOD_SECTIONS
+from dparallel.distill import DistillConfig
 from dparallel.pretrain import MaskedDiffusionModule, PretrainConfig
 from dparallel.training import DParallelModule
 
@@ -68,6 +69,18 @@ def _save_model(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
     save_model_folder(module.adapter, out, dtype=cfg.pretrain.save_dtype, recipe=cfg)
 
 
+def _build_distill(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.distill import build
+
+    return build(cfg, micro, start_batch)
+
+
+def _save_distill(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.distill import save
+
+    save(module, cfg, out)
+
+
 def _rank_world() -> tuple[int, int]:
     import os
 
@@ -83,3 +96,4 @@ def register_method(method: Method) -> None:
 
 
 register_method(Method("pretrain", PretrainConfig, _build_pretrain, _save_model))
+register_method(Method("distill", DistillConfig, _build_distill, _save_distill))

@@ -98,7 +98,8 @@ class TopK(Rule):
 
     def select(self, p: Proposal) -> torch.Tensor:
         k = self.schedule[:, p.step : p.step + 1]
-        return (rank_in_row(p.confidence) < k) & p.masked
+        # rank masked positions only (an unmasked score must not use up k); equal scores: lowest index first
+        return (rank_in_row(p.confidence.masked_fill(~p.masked, NEG_INF)) < k) & p.masked
 
 
 class Confidence(Rule):

@@ -187,7 +187,7 @@ class Sampler:
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
         cache = ContextCache(self.adapter, cfg.cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        start, step_total = time.perf_counter(), 0
+        start = time.perf_counter()
         for b in range(cfg.num_blocks):
             lo = canvas.prompt_width + b * cfg.block_length
             hi = lo + cfg.block_length
@@ -208,9 +208,9 @@ class Sampler:
                 window = canvas.x[:, lo:hi]
                 canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)
                 order = canvas.order[:, lo - canvas.prompt_width : hi - canvas.prompt_width]
-                order.masked_fill_(commit, step_total)
+                # the row's own step count (its NFE so far), so a row's trajectory does not depend on its batch
+                order.copy_(torch.where(commit, nfe[:, None], order))
                 nfe += active.long()
-                step_total += 1
         wall = time.perf_counter() - start
         out = canvas.x[:, canvas.prompt_width :]
         stats = [

@@ -1,0 +1,188 @@
+"""``dparallel bench``: the sampler against the memory-bandwidth floor and against LLaDA's reference loop.
+
+For each (batch, cache) the bench decodes one block after a ``context``-token prompt and reports: the time of one
+decode forward (a block-only forward against the cache, or a full forward without one), the floor (the model's
+weight bytes over the copy bandwidth measured on the same device in the same run), their ratio, the engine's
+overhead outside model forwards, forwards/s, TPF and tokens/s, and the wall time per answer of the engine and of
+the reference loop (``topk``, no cache, a full-sequence forward every step) at equal NFE: both run the
+``topk`` schedule with ``steps`` forwards per block, EOS suppressed so every answer fills the block.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dparallel.adapters import ModelAdapter
+from dparallel.engine.cache import ContextCache
+from dparallel.engine.sampler import DecodeConfig, Sampler, build_canvas
+
+
+@dataclass
+class BenchConfig:
+    shape: str = ""  # "" = model.path's model; llada-8b = the tiny family at LLaDA-8B's shapes, random bf16 weights
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    caches: list[str] = field(default_factory=lambda: ["dual", "prefix", "none"])
+    context: int = 1024  # prompt tokens before the block
+    block_length: int = 32
+    steps: int = 8  # forwards per block for both loops (topk schedule): equal NFE, TPF = block_length / steps
+    reps: int = 10  # timed repetitions of one forward
+    copy_mib: int = 1024  # buffer for the bandwidth measurement
+
+
+# The benchmark shapes: the tiny family's architecture at a real model's sizes.
+SHAPES = {
+    "llada-8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=12288, vocab_size=126464
+    ),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, mib: int) -> float:
+    """Bytes read plus bytes written per second by a large device-to-device copy."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), device, reps=5)
+    return 2 * src.numel() / seconds
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def random_shape_adapter(shape: str, device: str) -> ModelAdapter:
+    """The tiny family's Llama at ``shape``'s sizes with random bf16 weights: nothing is downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dparallel.adapters import SpecialIds, TinyAdapter
+    from dparallel.data.tokenizer import build_char_tokenizer
+
+    config = LlamaConfig(
+        **SHAPES[shape],
+        num_key_value_heads=SHAPES[shape]["num_attention_heads"],
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = SpecialIds(mask=SHAPES[shape]["vocab_size"] - 1, eos=2, eot=2, pad=0)
+    return TinyAdapter(model, build_char_tokenizer(), ids, name=f"{shape}-shape")
+
+
+def _prompts(adapter: ModelAdapter, batch: int, context: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(4, 90, (batch, context), generator=g).tolist()
+
+
+def bench_row(adapter: ModelAdapter, cfg: BenchConfig, batch: int, cache: str, floor_ms: float) -> dict:
+    device = adapter.device
+    prompts = _prompts(adapter, batch, cfg.context)
+    # Speed, not quality: EOS is suppressed so every answer fills its block, and both loops run `steps` forwards.
+    common = dict(
+        rule="topk", steps=cfg.steps, gen_length=cfg.block_length, block_length=cfg.block_length, logits_eos_inf=True
+    )
+    decode = DecodeConfig(cache=cache, **common)
+    canvas = build_canvas(prompts, cfg.block_length, adapter.ids.mask, adapter.ids.pad, device)
+    lo, hi = canvas.prompt_width, canvas.prompt_width + cfg.block_length
+    with torch.no_grad():
+        if cache == "none":
+            step_s = timed(lambda: adapter.logits(canvas.x, canvas.attention_mask), device, cfg.reps)
+            refresh_s = step_s
+        else:
+            ctx = ContextCache(adapter, cache)
+            refresh_s = timed(lambda: ctx.refresh(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
+            step_s = timed(lambda: ctx.step(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
+    engine = Sampler(adapter, decode)
+    engine.run(prompts)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    _, _, stats = engine.run(prompts)
+    synchronize(device)
+    engine_s = time.perf_counter() - start
+    nfe = max(s.nfe for s in stats)
+    forwards_s = refresh_s + (nfe - 1) * step_s
+    reference = Sampler(adapter, DecodeConfig(**common))
+    synchronize(device)
+    start = time.perf_counter()
+    reference.run(prompts)
+    synchronize(device)
+    reference_s = time.perf_counter() - start
+    answer_tokens = sum(s.answer_tokens for s in stats)
+    return {
+        "model": adapter.name,
+        "batch": batch,
+        "cache": cache,
+        "context": cfg.context,
+        "block": cfg.block_length,
+        "ms_per_forward": 1e3 * step_s,
+        "floor_ms": floor_ms,
+        "floor_ratio": 1e3 * step_s / floor_ms,
+        "overhead_frac": max(0.0, 1 - forwards_s / engine_s),
+        "forwards_per_s": 1 / step_s,
+        "nfe": nfe,
+        "tpf": answer_tokens / (batch * nfe),
+        "tokens_per_s": answer_tokens / engine_s,
+        "engine_ms_per_answer": 1e3 * engine_s / batch,
+        "reference_ms_per_answer": 1e3 * reference_s / batch,
+        "speedup_vs_reference": reference_s / engine_s,
+    }
+
+
+def run_bench(adapter: ModelAdapter, cfg: BenchConfig, progress: bool = True) -> dict:
+    """All rows plus the device and its measured copy bandwidth (the ``bench.json`` object)."""
+    device = adapter.device
+    bandwidth = copy_bandwidth(device, cfg.copy_mib)
+    floor_ms = 1e3 * weight_bytes(adapter.model) / bandwidth
+    rows = []
+    for batch in cfg.batches:
+        for cache in cfg.caches:
+            row = bench_row(adapter, cfg, batch, cache, floor_ms)
+            rows.append(row)
+            if progress:
+                print(
+                    f"  batch {batch:>3} cache {cache:<6} {row['ms_per_forward']:8.2f} ms/forward "
+                    f"({row['floor_ratio']:.2f}x floor)  {row['tokens_per_s']:9.1f} tok/s  "
+                    f"{row['speedup_vs_reference']:.2f}x reference",
+                    flush=True,
+                )
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "device": name,
+        "copy_bandwidth_gbs": bandwidth / 1e9,
+        "weight_gb": weight_bytes(adapter.model) / 1e9,
+        "rows": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    head = (
+        "| batch | cache | ms/forward | floor ms | ratio | overhead | forwards/s | TPF | tokens/s | engine ms "
+        "| reference ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    return head + "".join(
+        f"| {r['batch']} | {r['cache']} | {r['ms_per_forward']:.2f} | {r['floor_ms']:.2f} | {r['floor_ratio']:.2f} "
+        f"| {r['overhead_frac']:.2f} | {r['forwards_per_s']:.1f} | {r['tpf']:.2f} | {r['tokens_per_s']:.1f} "
+        f"| {r['engine_ms_per_answer']:.1f} | {r['reference_ms_per_answer']:.1f} | {r['speedup_vs_reference']:.2f} |\n"
+        for r in report["rows"]
+    )

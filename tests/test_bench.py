@@ -1,0 +1,35 @@
+"""dparallel bench: the JSON has the documented fields and its numbers are consistent with each other."""
+
+import json
+
+import pytest
+
+from dparallel.cli import main
+
+
+def test_bench_writes_consistent_json(tmp_path):
+    args = [
+        "bench",
+        "recipes/tiny/bench.yaml",
+        f"run_dir={tmp_path}",
+        "bench.batches=[2]",
+        "bench.caches=[dual,none]",
+        "bench.context=24",
+        "bench.block_length=16",
+        "bench.steps=4",
+        "bench.reps=1",
+        "bench.copy_mib=8",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["device"] == "cpu" and report["copy_bandwidth_gbs"] > 0
+    assert [(r["batch"], r["cache"]) for r in report["rows"]] == [(2, "dual"), (2, "none")]
+    for r in report["rows"]:
+        assert r["nfe"] == 4 and r["tpf"] == 16 / 4  # EOS suppressed: every answer fills its block
+        assert r["floor_ratio"] == pytest.approx(r["ms_per_forward"] / r["floor_ms"])
+        assert r["forwards_per_s"] == pytest.approx(1e3 / r["ms_per_forward"])
+        assert 0.0 <= r["overhead_frac"] <= 1.0
+        assert r["context"] == 24 and r["block"] == 16
+    assert (tmp_path / "bench.md").read_text().startswith("| batch | cache |")
