@@ -256,6 +256,19 @@ def read_manifest(path: str) -> dict:
         raise DParallelError(f"{file} is not valid JSON ({e.msg}): re-export the folder") from None
 
 
+def download(repo_id: str, revision: str | None) -> str:
+    """A Hub repo's files in the local cache (nothing is fetched when HF_HUB_OFFLINE=1 and it is cached)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision)
+    except Exception as e:  # offline mode, no network, unknown repo, auth: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DParallelError(
+            f"cannot get {repo_id!r} from the Hub ({first}): pass a local folder, or go online"
+        ) from None
+
+
 def load_adapter(
     path: str,
     family: str | None = None,
@@ -269,14 +282,16 @@ def load_adapter(
     ``path`` is local; a Hub id downloads the weights (HF_HUB_OFFLINE=1 turns that into a clear error).
     """
     local = resolve_path(path)
-    manifest = read_manifest(local)
-    family = family or manifest.get("family")
-    require(family is not None, f"cannot tell the model family of {path!r}: set model.family ({', '.join(FAMILIES)})")
-    require(family in FAMILIES, f"unknown model family {family!r}: choose from {', '.join(sorted(FAMILIES))}")
     require(
         not local.startswith((".", "/")) or Path(local).is_dir(),
         f"model folder {local} does not exist: check model.path",
     )
+    if not Path(local).is_dir():
+        local = download(local, revision)
+    manifest = read_manifest(local)
+    family = family or manifest.get("family")
+    require(family is not None, f"cannot tell the model family of {path!r}: set model.family ({', '.join(FAMILIES)})")
+    require(family in FAMILIES, f"unknown model family {family!r}: choose from {', '.join(sorted(FAMILIES))}")
     cls = FAMILIES[family]
     torch_dtype = getattr(torch, dtype)
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own progress output

@@ -39,6 +39,16 @@ class _KeysHelp(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dparallel", description="Train and run parallel decoders for dLLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    export = sub.add_parser(
+        "export",
+        help="write RUN_DIR/model as a Hub-ready folder (and push it)",
+        description="write RUN_DIR/model as a Hugging Face folder with dparallel.json and a model card",
+    )
+    export.add_argument("run_dir", help="a training run directory (holds model/ and config.yaml)")
+    export.add_argument("--to", help="output folder (default RUN_DIR/export)")
+    export.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the folder to this Hub repo")
+    export.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_KeysHelp)
         p.add_argument(
@@ -64,6 +74,8 @@ def run(argv: list[str]) -> int:
     parser = build_parser()
     # key=value overrides may come after --prompt options: collect the positionals argparse left over.
     ns, extra = parser.parse_known_args(argv)
+    if ns.command == "export":
+        return _export(ns, extra, parser)
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -104,6 +116,18 @@ def run(argv: list[str]) -> int:
         commands.evaluate_recipe(cfg)
     elif ns.command == "bench":
         commands.bench(cfg)
+    return 0
+
+
+def _export(ns: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> int:
+    from dparallel.export import export_run, push_to_hub
+
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    out = export_run(ns.run_dir, ns.to, overwrite=ns.overwrite)
+    print(f"exported to {out}")
+    if ns.push_to_hub:
+        print(f"pushed to {push_to_hub(out, ns.push_to_hub, private=ns.private)}")
     return 0
 
 

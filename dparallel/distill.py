@@ -293,6 +293,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
         apply_lora(adapter, cfg.lora)
     if cfg.train.gradient_checkpointing:
         adapter.model.gradient_checkpointing_enable()
+    adapter.model.train()  # load_adapter hands back an eval-mode model; Lightning keeps whatever mode it finds
     data = TrajectoryBatches(records, adapter.ids.pad)
     block = data.gen_length if d.full_response else d.block_length
     require(data.gen_length % block == 0, f"distill.block_length={block} does not divide the canvas {data.gen_length}")

@@ -8,6 +8,7 @@ float64 over the whole sequence, same ``low_confidence``/``random`` remasking, `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -118,6 +119,30 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def _emit_step(
+    on_step: StepCallback,
+    call: int,
+    canvas: Canvas,
+    logits: torch.Tensor,
+    first: int,
+    nfe: torch.Tensor,
+    active: torch.Tensor,
+) -> None:
+    """Argmax and its probability over the answer canvas (where the forward covered it) for ``Sampler.run``."""
+    width = canvas.prompt_width
+    tokens = canvas.x[:, width:].clone()
+    conf = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    lo, hi = max(first, width), first + logits.shape[1]
+    part = logits[:, lo - first : hi - first].float()
+    best, idx = part.max(dim=-1)
+    tokens[:, lo - width : hi - width] = idx
+    conf[:, lo - width : hi - width] = (best - part.logsumexp(dim=-1)).exp()
+    on_step(call, nfe.masked_fill(~active, -1), tokens, conf)
+
+
 class Sampler:
     """Runs one decoding rule over batches of prompts with a model adapter."""
 
@@ -178,8 +203,17 @@ class Sampler:
 
     # ---- the loop ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
-        """Decode a batch. Returns the canvas tokens [B, G], the commit order [B, G] and per-row stats."""
+    def run(
+        self, prompts: list[list[int]], on_step: StepCallback | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
+        """Decode a batch. Returns the canvas tokens [B, G], the commit order [B, G] and per-row stats.
+
+        ``on_step(step_total, row_steps, tokens, confidence)``, when given, is called once per model call before
+        that step's commits: ``row_steps`` [B] is the step index each row's ``order`` will record for this step
+        (-1 for a row with nothing left to commit in the active block), ``tokens`` [B, G] the argmax over the
+        canvas and ``confidence`` [B, G] its softmax probability (positions the forward did not cover, outside
+        the active block under a cache, hold the current canvas token and confidence 0). Unused, it costs nothing.
+        """
         cfg, mask_id = self.config, self.adapter.ids.mask
         device = self.adapter.device
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
@@ -187,7 +221,7 @@ class Sampler:
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
         cache = ContextCache(self.adapter, cfg.cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
-        start = time.perf_counter()
+        start, calls = time.perf_counter(), 0
         for b in range(cfg.num_blocks):
             lo = canvas.prompt_width + b * cfg.block_length
             hi = lo + cfg.block_length
@@ -204,6 +238,9 @@ class Sampler:
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
                 w = slice(lo - first, hi - first)
                 proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step)
+                if on_step is not None:
+                    _emit_step(on_step, calls, canvas, logits, first, nfe, active)
+                    calls += 1
                 commit = self.rule.select(proposal) & in_block
                 window = canvas.x[:, lo:hi]
                 canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)

@@ -1,0 +1,111 @@
+"""``dparallel export RUN_DIR``: a Hugging Face folder with ``dparallel.json`` and a model card, optionally pushed
+to the Hub. The folder is written to a temporary sibling and renamed into place, so a failed export leaves
+nothing behind; an existing non-empty target is refused unless ``--overwrite``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dparallel.adapters import MANIFEST
+from dparallel.errors import DParallelError, require
+from dparallel.io import atomic_write_json, atomic_write_text
+
+# What each training method produces, as recorded in dparallel.json.
+COMPONENT_OF_METHOD = {"pretrain": "base", "distill": "student"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DParallelError(f"cannot read {path}: {e}") from None
+
+
+def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Export RUN_DIR/model (+ config.yaml, eval.json) to ``to`` (default RUN_DIR/export); return the folder."""
+    run_dir = Path(run_dir)
+    model_dir, config = run_dir / "model", run_dir / "config.yaml"
+    require(model_dir.is_dir(), f"{model_dir} not found: train the run first (dparallel train RECIPE run_dir=...)")
+    require(config.is_file(), f"{config} not found: {run_dir} is not a dparallel run directory")
+    out = Path(to) if to else run_dir / "export"
+    require(
+        overwrite or not out.exists() or not any(out.iterdir()),
+        f"{out} exists and is not empty: pass --overwrite or choose another --to",
+    )
+    cfg = OmegaConf.load(config)
+    manifest = _read_json(model_dir / MANIFEST)
+    eval_report = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
+    manifest.update(
+        component=COMPONENT_OF_METHOD.get(cfg.get("method", ""), manifest.get("component", "base")),
+        method=cfg.get("method", ""),
+        base_model={"path": cfg.model.path, "revision": cfg.model.revision},
+        decoding=OmegaConf.to_container(cfg.decode),
+        eval=eval_report,
+        recipe=OmegaConf.to_container(cfg),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        atomic_write_text(tmp / "README.md", model_card(manifest, run_dir))
+        tmp.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def model_card(manifest: dict, run_dir: Path) -> str:
+    """A README with Hub metadata, what the model is, its eval table and how to load it."""
+    decoding = manifest.get("decoding") or {}
+    table = (run_dir / "eval.md").read_text() if (run_dir / "eval.md").is_file() else "(no eval in this run)\n"
+    settings = ", ".join(f"{k}={v}" for k, v in decoding.items())
+    return f"""---
+library_name: dparallel
+tags: [diffusion-language-model, parallel-decoding, {manifest.get("method") or "base"}]
+---
+
+# {manifest.get("name", run_dir.name)}
+
+A `{manifest.get("component")}` for the `{manifest.get("family")}` family, trained by dparallel's
+`{manifest.get("method")}` method from `{manifest.get("base_model", {}).get("path")}`.
+
+## Eval
+
+{table}
+## Decoding defaults
+
+`{settings}`
+
+## Load
+
+```python
+import dparallel
+gen = dparallel.load("PATH_OR_HUB_ID")
+print(gen.generate(["your prompt"])[0].text)
+```
+
+The recipe that produced it is in `dparallel.json` (`recipe`).
+"""
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder with huggingface_hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="dparallel export")
+    except Exception as e:  # network, auth, offline mode: one line, the folder stays on disk
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DParallelError(f"cannot push to {repo_id}: {first} (the export is kept at {folder})") from None
+    return str(url)
