@@ -50,9 +50,10 @@ def test_export_then_load_in_fresh_process_gives_same_tokens(run_dir, tmp_path, 
     assert manifest["decoding"]["rule"] == "confidence" and manifest["ids"]["mask"] == 1
     assert "## Load" in (tmp_path / "out" / "README.md").read_text()
     # The exported folder's decoding defaults (confidence, gen 16, block 8) apply without arguments.
+    folder = str(tmp_path / "out")
     code = (
-        "import dparallel, json; g = dparallel.load(%r, device='cpu'); "
-        "print(json.dumps([o.tokens for o in g.generate(%r)]))" % (str(tmp_path / "out"), PROMPTS)
+        f"import dparallel, json; g = dparallel.load({folder!r}, device='cpu'); "
+        f"print(json.dumps([o.tokens for o in g.generate({PROMPTS!r})]))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == before
