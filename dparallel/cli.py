@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "evaluate model.path on the synthetic suite with the recipe's decoders",
     "generate": "decode prompts with model.path (or a folder given as MODEL) and the recipe's decode section",
     "quickstart": "the whole pipeline on the embedded default, under run_dir",
+    "sweep": "run the recipe's sweep block: a wandb sweep, or --local to run the grid here",
     "bench": "time the sampler against the bandwidth floor and LLaDA's reference loop; writes bench.json",
 }
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--prompts-file", help="a text file, one prompt per line")
             p.add_argument("--json", action="store_true", help="print one JSON object per answer, with stats")
+        if name == "sweep":
+            p.add_argument("--local", action="store_true", help="run every grid point here, wandb offline")
     return parser
 
 
@@ -116,6 +119,8 @@ def run(argv: list[str]) -> int:
         commands.evaluate_recipe(cfg)
     elif ns.command == "bench":
         commands.bench(cfg)
+    elif ns.command == "sweep":
+        commands.sweep(cfg, head, overrides, local=ns.local)
     return 0
 
 

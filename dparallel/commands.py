@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dparallel.config import save_recipe
 from dparallel.engine.sampler import DecodeConfig
-from dparallel.errors import require
+from dparallel.errors import DParallelError, require
 from dparallel.generator import Generator, load
 
 
@@ -124,3 +124,27 @@ def bench(cfg: DictConfig) -> dict:
     atomic_write_text(run_dir / "bench.md", markdown(report))
     print(f"report: {run_dir / 'bench.json'}", flush=True)
     return report
+
+
+def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool) -> None:
+    """Write RUN_DIR/sweep.yaml (the wandb sweep); with ``local`` run the grid here and print the table."""
+    from dparallel import sweep as sweeps
+    from dparallel.io import atomic_write_text
+
+    run_dir = _run_dir(cfg)
+    config = sweeps.wandb_config(cfg, recipe)
+    atomic_write_text(run_dir / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if local:
+        results = sweeps.run_local(cfg, recipe, overrides)
+        print(sweeps.table(results) + f"\nreport: {run_dir / 'sweep.md'}", flush=True)
+        return
+    import wandb
+
+    try:
+        sweep_id = wandb.sweep(config, project=cfg.train.wandb_project)
+    except Exception as e:  # offline, no login: the configuration is still on disk
+        raise DParallelError(
+            f"wrote {run_dir / 'sweep.yaml'} but could not create the wandb sweep ({str(e).splitlines()[0]}): "
+            f"run `wandb sweep {run_dir / 'sweep.yaml'}` when online, or use --local"
+        ) from None
+    print(f"created sweep {sweep_id}; start agents with: wandb agent {cfg.train.wandb_project}/{sweep_id}")

@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dparallel.bench import BenchConfig
 from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError
+from dparallel.sweep import SweepConfig
 
 
 @dataclass
@@ -120,6 +121,7 @@ def recipe_schema() -> Any:
         ("decode", DecodeConfig, field(default_factory=DecodeConfig)),
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
         ("bench", BenchConfig, field(default_factory=BenchConfig)),
+        ("sweep", SweepConfig, field(default_factory=SweepConfig)),
     ]
     extra = [(k, v, field(default_factory=v)) for k, v in sorted(METHOD_SECTIONS.items())]
     return dataclasses.make_dataclass("Recipe", fixed + extra)

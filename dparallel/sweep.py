@@ -1,0 +1,118 @@
+"""``dparallel sweep RECIPE``: the recipe's ``sweep:`` block as a wandb sweep, or run locally as a grid.
+
+The sweep block names dotted recipe keys and their values. Without ``--local`` it is written as a wandb sweep
+configuration (``RUN_DIR/sweep.yaml``) whose agents run ``dparallel train RECIPE key=value ...`` (wandb's
+``${args_no_hyphens}`` expands to exactly our override syntax); with ``--local`` every grid point runs here, one
+run directory each, wandb offline, and a comparison table (``sweep.md``, ``sweep.json``) and plot are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dparallel.errors import require
+from dparallel.io import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class SweepConfig:
+    method: str = "grid"  # grid | random | bayes (wandb's search methods; --local runs the grid)
+    metric: str = "train/loss"  # a logged metric (train/...) or an eval cell: eval/<decoder>/<task>/<metric>
+    goal: str = "minimize"  # minimize | maximize
+    parameters: dict[str, Any] = field(default_factory=dict)  # dotted recipe key -> list of values
+
+
+def wandb_config(cfg: DictConfig, recipe: str) -> dict:
+    """The wandb sweep configuration of the recipe's sweep block."""
+    s = cfg.sweep
+    require(s.method in ("grid", "random", "bayes"), f"sweep.method={s.method!r}: use grid, random or bayes")
+    require(s.goal in ("minimize", "maximize"), f"sweep.goal={s.goal!r}: use minimize or maximize")
+    require(len(s.parameters) > 0, "the recipe has no sweep.parameters: add dotted keys with lists of values")
+    return {
+        "program": "dparallel",
+        "method": s.method,
+        "metric": {"name": s.metric, "goal": s.goal},
+        "parameters": {k: {"values": list(v)} for k, v in OmegaConf.to_container(s.parameters).items()},
+        "command": ["${env}", "dparallel", "train", recipe, "${args_no_hyphens}"],
+    }
+
+
+def grid(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Every combination of the sweep's values, as {dotted key: value}."""
+    params = OmegaConf.to_container(cfg.sweep.parameters)
+    keys = list(params)
+    return [dict(zip(keys, values)) for values in itertools.product(*(params[k] for k in keys))]
+
+
+def metric_value(run_dir: Path, metric: str) -> float:
+    """Read the sweep metric from a finished run: the last logged value, or an eval.json cell."""
+    if metric.startswith("eval/"):
+        import json
+
+        _, decoder, task, name = metric.split("/")
+        rows = json.loads((run_dir / "eval.json").read_text())["results"]
+        return next(r[name] for r in rows if r["decoder"] == decoder and r["task"] == task)
+    logs = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
+    require(bool(logs), f"no metrics logged in {run_dir}/logs")
+    values = [row[metric] for row in csv.DictReader(logs[-1].open()) if row.get(metric)]
+    require(bool(values), f"metric {metric!r} was never logged in {logs[-1]}")
+    return float(values[-1])
+
+
+def run_local(cfg: DictConfig, recipe: str, overrides: list[str]) -> list[dict]:
+    """Run every grid point with ``train`` (wandb offline); write sweep.json, sweep.md and sweep.png."""
+    from dparallel.commands import train
+    from dparallel.config import load_recipe
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    base = Path(cfg.run_dir)
+    results = []
+    for i, point in enumerate(grid(cfg)):
+        name = f"{i:02d}-" + "-".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
+        point_overrides = [*overrides, f"run_dir={base / name}", *(f"{k}={v}" for k, v in point.items())]
+        print(f"sweep point {i + 1}: {point}", flush=True)
+        train(load_recipe(recipe, point_overrides))
+        results.append({"run": name, **point, cfg.sweep.metric: metric_value(base / name, cfg.sweep.metric)})
+    results.sort(key=lambda r: r[cfg.sweep.metric], reverse=cfg.sweep.goal == "maximize")
+    atomic_write_json(base / "sweep.json", {"metric": cfg.sweep.metric, "goal": cfg.sweep.goal, "runs": results})
+    atomic_write_text(base / "sweep.md", table(results))
+    plot(results, cfg.sweep.metric, base / "sweep.png")
+    return results
+
+
+def table(results: list[dict]) -> str:
+    keys = list(results[0])
+    return (
+        "| "
+        + " | ".join(keys)
+        + " |\n|"
+        + "---|" * len(keys)
+        + "\n"
+        + "".join(
+            "| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |\n"
+            for r in results
+        )
+    )
+
+
+def plot(results: list[dict], metric: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.barh([r["run"] for r in results], [r[metric] for r in results])
+    ax.set_xlabel(metric)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
