@@ -52,6 +52,10 @@ def train(cfg: DictConfig) -> Path:
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
     # The final state too, so a rerun with a larger train.max_steps continues instead of repeating steps.
     trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    if cfg.train.wandb:  # close the wandb run: the next train in this process (a sweep point) gets its own
+        import wandb
+
+        wandb.finish()
     if trainer.is_global_zero:
         method.save(module, cfg, run_dir / "model")
         print(
