@@ -171,8 +171,9 @@ class Sampler:
     def _propose(self, logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, gen) -> tuple:
         """Candidate tokens [B, L] and their confidence [B, L] (-inf where not masked), LLaDA's way."""
         cfg, ids = self.config, self.adapter.ids
+        logits = logits.clone()
+        logits[:, :, ids.mask] = NEG_INF  # never propose the mask token itself (a block would never finish)
         if cfg.logits_eos_inf:
-            logits = logits.clone()
             logits[:, :, ids.eos] = NEG_INF
         tokens = add_gumbel_noise(logits, cfg.temperature, gen).argmax(dim=-1)
         if cfg.remasking == "random":
