@@ -203,7 +203,7 @@ def load_records(path: str, only_correct: bool = True, max_records: int | None =
         from dparallel.data.trajectory import read_trajectories
     except ImportError as e:
         raise DParallelError(
-            f"cannot read trajectories: dparallel.data.trajectory is unavailable ({e}); reinstall dparallel"
+            f"cannot read trajectories: the trajectory reader dparallel.data.trajectory is missing ({e})"
         ) from None
     require(Path(path).exists(), f"no trajectories at {path}: run `dparallel record` first or set distill.trajectories")
     records = []
@@ -287,16 +287,18 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     from dparallel.training import apply_lora
 
     d = cfg.distill
-    records = load_records(d.trajectories, d.only_correct_records, d.max_records)
+    _ratio_range(d.mask_ratio)  # fail on bad options before reading data or loading weights
+    require(not (d.complementary and d.single_pass), "distill.single_pass needs distill.complementary=false")
+    data_records = load_records(d.trajectories, d.only_correct_records, d.max_records)
     adapter = load_adapter(cfg.model.path, family=cfg.model.family, dtype=_load_dtype(cfg), revision=cfg.model.revision)
+    data = TrajectoryBatches(data_records, adapter.ids.pad)
+    block = data.gen_length if d.full_response else d.block_length
+    require(data.gen_length % block == 0, f"distill.block_length={block} does not divide the canvas {data.gen_length}")
     if cfg.lora.enabled:
         apply_lora(adapter, cfg.lora)
     if cfg.train.gradient_checkpointing:
         adapter.model.gradient_checkpointing_enable()
     adapter.model.train()  # load_adapter hands back an eval-mode model; Lightning keeps whatever mode it finds
-    data = TrajectoryBatches(records, adapter.ids.pad)
-    block = data.gen_length if d.full_response else d.block_length
-    require(data.gen_length % block == 0, f"distill.block_length={block} does not divide the canvas {data.gen_length}")
     rank, world = _rank_world()
     sampler = EpochSampler(len(data), rank, world, cfg.train.seed, d.shuffle, start=start_batch * micro)
     epochs = cfg.train.max_steps * cfg.train.global_batch_size / len(data)
