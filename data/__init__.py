@@ -1,2 +1,2 @@
-"""dparallel.data: the synthetic task suite, the character tokenizer and training batches (and, in time, the
-trajectory format and prompt sources)."""
+"""dparallel.data: the synthetic task suite, the character tokenizer, training batches, the trajectory format
+(``trajectory``), prompt sources (``sources``), recording (``record``) and ``data inspect`` (``inspect``)."""

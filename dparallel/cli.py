@@ -19,6 +19,7 @@ COMMANDS = {
     "quickstart": "the whole pipeline on the embedded default, under run_dir",
     "sweep": "run the recipe's sweep block: a wandb sweep, or --local to run the grid here",
     "bench": "time the sampler against the bandwidth floor and LLaDA's reference loop; writes bench.json",
+    "record": "run the teacher (model, decode) over record.source and write trajectory shards + manifest.json",
 }
 
 
@@ -50,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the folder to this Hub repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo as private")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    data = sub.add_parser("data", help="inspect recorded trajectories", description="inspect recorded trajectories")
+    inspect = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND").add_parser(
+        "inspect", help="counts, correctness, step/TPF histograms and samples with their unmasking order"
+    )
+    inspect.add_argument("dir", help="a trajectory folder written by `dparallel record` (holds manifest.json)")
+    inspect.add_argument("--samples", type=int, default=1, help="records to render (default 1)")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_KeysHelp)
         p.add_argument(
@@ -79,6 +86,13 @@ def run(argv: list[str]) -> int:
     ns, extra = parser.parse_known_args(argv)
     if ns.command == "export":
         return _export(ns, extra, parser)
+    if ns.command == "data":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from dparallel.commands import inspect_data
+
+        inspect_data(ns.dir, samples=ns.samples)
+        return 0
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -121,6 +135,8 @@ def run(argv: list[str]) -> int:
         commands.bench(cfg)
     elif ns.command == "sweep":
         commands.sweep(cfg, head, overrides, local=ns.local)
+    elif ns.command == "record":
+        commands.record(cfg)
     return 0
 
 

@@ -63,27 +63,31 @@ def train(cfg: DictConfig) -> Path:
             f"model saved to {run_dir / 'model'}",
             flush=True,
         )
+        if cfg.eval.after_train:
+            evaluate_into(cfg, run_dir, str(run_dir / "model"))
     return run_dir / "model"
 
 
 def evaluate_recipe(cfg: DictConfig, generator: Generator | None = None) -> dict:
     """Run the recipe's eval section on ``model.path`` (or the given generator); write the reports."""
+    run_dir = _run_dir(cfg)
+    save_recipe(cfg, run_dir)
+    return evaluate_into(cfg, run_dir, cfg.model.path, generator)
+
+
+def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Generator | None = None) -> dict:
+    """Evaluate ``model_path`` with the recipe's eval section; write eval.json/.md/pareto.png into ``run_dir``."""
     from dparallel.evaluate import evaluate, write_report
 
     for spec in cfg.eval.decoders:  # fail before loading any weights
         DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k != "name"}).validate()
-    run_dir = _run_dir(cfg)
-    save_recipe(cfg, run_dir)
     generator = generator or load(
-        cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
+        model_path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
     )
     suite = cfg.eval.suite
-    print(
-        f"evaluating {cfg.model.path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)",
-        flush=True,
-    )
+    print(f"evaluating {model_path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)", flush=True)
     rows = evaluate(generator, cfg.eval)
-    report = write_report(run_dir, cfg.model.path, f"suite/{suite.split}", rows, plot=cfg.eval.plot)
+    report = write_report(run_dir, model_path, f"suite/{suite.split}", rows, plot=cfg.eval.plot)
     print(f"report: {run_dir / 'eval.md'}", flush=True)
     return report
 
@@ -152,3 +156,17 @@ def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool) -> No
             f"run `wandb sweep {run_dir / 'sweep.yaml'}` when online, or use --local"
         ) from None
     print(f"created sweep {sweep_id}; start agents with: wandb agent {cfg.train.wandb_project}/{sweep_id}")
+
+
+def record(cfg: DictConfig) -> Path:
+    """Record the teacher's trajectories over the recipe's prompt source (see ``dparallel.data.record``)."""
+    from dparallel.data.record import record as record_trajectories
+
+    return record_trajectories(cfg)
+
+
+def inspect_data(path: str, samples: int = 1) -> None:
+    """Print counts, correctness, step/TPF histograms and samples of a trajectory folder."""
+    from dparallel.data.inspect import inspect
+
+    print(inspect(path, samples=samples), flush=True)

@@ -100,14 +100,26 @@ class EvalConfig:
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     batch_size: int = 64
     plot: bool = True
+    after_train: bool = False  # train: evaluate RUN_DIR/model with this section when training ends
+
+
+@dataclass
+class QuickstartConfig:
+    record_per_task: int = 60  # train-split prompts per task recorded from the teacher
+    record_rule: str = "confidence"  # the teacher's decoder while recording (sequential is ~20x slower on CPU)
+    distill_steps: int = 150  # certainty-forcing steps
+    student_decoders: list[str] = field(default_factory=lambda: ["entropy:0.5", "entropy:1.0", "confidence:0.9"])
 
 
 # Sections contributed by methods: name -> dataclass. Filled by dparallel.methods at import.
 METHOD_SECTIONS: dict[str, type] = {}
+# Sections of commands that are not training methods (record): name -> dataclass, filled by their modules.
+COMMAND_SECTIONS: dict[str, type] = {}
 
 
 def recipe_schema() -> Any:
     """The Recipe dataclass, built from the fixed sections plus every registered method section."""
+    import dparallel.data.record  # noqa: F401  (fills COMMAND_SECTIONS)
     import dparallel.methods  # noqa: F401  (registering the methods fills METHOD_SECTIONS)
 
     fixed = [
@@ -122,8 +134,10 @@ def recipe_schema() -> Any:
         ("eval", EvalConfig, field(default_factory=EvalConfig)),
         ("bench", BenchConfig, field(default_factory=BenchConfig)),
         ("sweep", SweepConfig, field(default_factory=SweepConfig)),
+        ("quickstart", QuickstartConfig, field(default_factory=QuickstartConfig)),
     ]
-    extra = [(k, v, field(default_factory=v)) for k, v in sorted(METHOD_SECTIONS.items())]
+    sections = {**COMMAND_SECTIONS, **METHOD_SECTIONS}
+    extra = [(k, v, field(default_factory=v)) for k, v in sorted(sections.items())]
     return dataclasses.make_dataclass("Recipe", fixed + extra)
 
 
@@ -144,7 +158,8 @@ def _suggest(key: str, schema: Any) -> str:
 
 def _resolve_types(schema: Any) -> None:
     """make_dataclass/`from __future__` leave string annotations; resolve them so keys can be walked."""
-    hints = __import__("typing").get_type_hints(schema, globals())
+    module = __import__("sys").modules.get(schema.__module__)  # a section's own names (nested dataclasses)
+    hints = __import__("typing").get_type_hints(schema, globals(), vars(module) if module else None)
     for f in dataclasses.fields(schema):
         f.type = hints[f.name]
         if dataclasses.is_dataclass(f.type):

@@ -1,31 +1,86 @@
-"""``dparallel quickstart``: the pipeline on the embedded default (the shipped tiny teacher and the synthetic
-suite), on CPU in minutes. Each stage writes its usual files under ``run_dir/<stage>``."""
+"""``dparallel quickstart``: the whole pipeline on the embedded default (the shipped tiny teacher and the synthetic
+suite), on CPU in minutes: evaluate the teacher -> record its trajectories -> certainty-forcing distillation (the
+student is evaluated when training ends) -> export it. Each stage writes its usual files under ``run_dir/<stage>``.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.commands import evaluate_recipe
+from dparallel.commands import evaluate_recipe, train
+from dparallel.config import load_recipe
+from dparallel.paths import recipes_dir
 
 
-def _stage(cfg: DictConfig, stage: str) -> DictConfig:
-    """A copy of the recipe whose run_dir is run_dir/<stage>."""
-    sub = OmegaConf.create(OmegaConf.to_container(cfg))
-    sub.run_dir = str(Path(cfg.run_dir) / stage)
-    return sub
+def _tiny_stage(cfg: DictConfig, stage: str, recipe: str, overrides: list[str]) -> DictConfig:
+    """A tiny recipe with run_dir = run_dir/<stage>, the quickstart's model and the given overrides."""
+    base = [f"run_dir={Path(cfg.run_dir) / stage}", f"model.path={cfg.model.path}"]
+    return load_recipe(str(recipes_dir() / "tiny" / recipe), base + overrides)
 
 
-def quickstart(cfg: DictConfig) -> dict:
-    """Evaluate the shipped teacher with the reference decoders and print where the report is."""
-    start = time.perf_counter()
-    print(f"dparallel quickstart: teacher {cfg.model.path}, outputs under {cfg.run_dir}", flush=True)
-    report = evaluate_recipe(_stage(cfg, "teacher-eval"))
-    macro = [r for r in report["results"] if r["task"] == "macro"]
-    print("\ndecoder          accuracy    NFE    TPF")
-    for r in macro:
-        print(f"{r['decoder']:<16} {r['accuracy']:>8.3f} {r['nfe']:>6.1f} {r['tpf']:>6.2f}")
-    print(f"\ndone in {time.perf_counter() - start:.0f}s; report: {Path(cfg.run_dir) / 'teacher-eval' / 'eval.md'}")
-    return report
+def _macro(report: dict, model: str) -> list[dict]:
+    return [{**r, "model": model} for r in report["results"] if r["task"] == "macro"]
+
+
+def quickstart(cfg: DictConfig) -> list[dict]:
+    """Run every stage and print the before/after table; returns its rows."""
+    from dparallel.data.record import record
+    from dparallel.export import export_run
+
+    q, run_dir, start = cfg.quickstart, Path(cfg.run_dir), time.perf_counter()
+    print(f"dparallel quickstart: teacher {cfg.model.path}, outputs under {run_dir}", flush=True)
+
+    print("\n[1/4] teacher: one token per step (sequential) and the confidence threshold", flush=True)
+    teacher = OmegaConf.create(OmegaConf.to_container(cfg))
+    teacher.run_dir = str(run_dir / "teacher-eval")
+    rows = _macro(evaluate_recipe(teacher), "teacher")
+
+    print(f"\n[2/4] record the teacher's trajectories ({q.record_per_task} prompts per task)", flush=True)
+    trajectories = record(
+        _tiny_stage(
+            cfg,
+            "record",
+            "record.yaml",
+            [f"record.source.suite.n_per_task={q.record_per_task}", f"decode.rule={q.record_rule}"],
+        )
+    )
+
+    print(f"\n[3/4] certainty-forcing distillation ({q.distill_steps} steps), then the student's eval", flush=True)
+    # The train command evaluates the student itself (eval.after_train), so its run folder, and the export made
+    # from it, carry the eval table.
+    distill = _tiny_stage(
+        cfg,
+        "distill",
+        "distill.yaml",
+        [
+            f"distill.trajectories={trajectories}",
+            f"train.max_steps={q.distill_steps}",
+            "eval.after_train=true",
+            f"eval.batch_size={cfg.eval.batch_size}",
+            f"eval.suite.n_per_task={cfg.eval.suite.n_per_task}",
+        ],
+    )
+    template = OmegaConf.to_container(cfg.eval.decoders[0])
+    distill.eval.decoders = [
+        {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t)}
+        for rule, t in (d.split(":") for d in q.student_decoders)
+    ]
+    train(distill)
+    rows += _macro(json.loads((run_dir / "distill" / "eval.json").read_text()), "student")
+
+    print("\n[4/4] export", flush=True)
+    exported = export_run(run_dir / "distill", overwrite=True)
+
+    print("\nmodel    decoder          accuracy    NFE    TPF")
+    for r in rows:
+        print(f"{r['model']:<8} {r['decoder']:<16} {r['accuracy']:>8.3f} {r['nfe']:>6.1f} {r['tpf']:>6.2f}")
+    print(
+        f"\ndone in {time.perf_counter() - start:.0f}s. Reports: {run_dir / 'teacher-eval' / 'eval.md'}, "
+        f"{run_dir / 'distill' / 'eval.md'}; exported student: {exported}",
+        flush=True,
+    )
+    return rows
