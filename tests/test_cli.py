@@ -3,29 +3,13 @@
 import json
 import shutil
 
-import pytest
+from conftest import assert_one_line_error, run_cli
 
 from dparallel.adapters import resolve_path
 from dparallel.cli import main
 from dparallel.config import load_recipe
 
 TEACHER = "builtin:tiny-teacher"
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err  # one line, no traceback
-    assert lines[0].startswith("dparallel: error: ")
-    for needle in needles:
-        assert needle in lines[0]
 
 
 def test_recipe_merges_and_overrides(tmp_path):

@@ -6,6 +6,7 @@ from itertools import islice
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_shape
 from omegaconf import OmegaConf
 
 import dparallel
@@ -23,14 +24,7 @@ from dparallel.distill import (
 from dparallel.errors import DParallelError
 from dparallel.tiny import new_tiny_adapter, save_model_folder
 
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
+SHAPE = tiny_shape()
 G, BLOCK, MASK = 16, 8, 1
 PROMPTS = [("copy: ab\n", "ab"), ("reverse: hello\n", "olleh"), ("sort: dcba\n", "abcd")]
 

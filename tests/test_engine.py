@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_shape
 from omegaconf import OmegaConf
 
 from dparallel.adapters import SpecialIds, TinyAdapter, load_adapter
@@ -13,24 +14,11 @@ from dparallel.engine.sampler import add_gumbel_noise
 from dparallel.errors import DParallelError
 from dparallel.tiny import new_tiny_adapter
 
-SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
+SHAPE = tiny_shape()
 PROMPTS = [[22, 23, 16, 28, 34], [77, 74, 81, 81, 84, 5, 92, 84, 87], [70, 71]]  # three lengths: left padding
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: a second intra-op thread spins and makes tiny matmuls ~1000x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the LLaDA reference oracle (written from the semantics of LLaDA's public generate.py) -----------------------

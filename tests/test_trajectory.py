@@ -15,32 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli, tiny_shape
 from dparallel.data import trajectory as T
 from dparallel.data.record import record
 from dparallel.data.sources import SourceConfig, build_checker, load_items
 from omegaconf import OmegaConf
 
-from dparallel.cli import main
 from dparallel.config import load_recipe
 from dparallel.errors import DParallelError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trajectories-tiny"
-SHAPE = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=256,
-    rope_theta=10000.0,
-)
+SHAPE = tiny_shape(hidden=32, layers=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(folder: Path) -> Path:
@@ -75,25 +63,6 @@ def recipe(model: Path, run_dir: Path, *extra: str):
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(json.dumps(r)) for r in T.read_trajectories(path)]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("dparallel: error: ")
-    for needle in needles:
-        assert needle in lines[0]
-
-
-# ---- format ---------------------------------------------------------------------------------------------------
 
 
 def test_state_at_round_trip():

@@ -1,0 +1,45 @@
+"""Shared test helpers: tiny model shapes and the CLI runner."""
+
+import pytest
+import torch
+
+from dparallel.cli import main
+
+
+def tiny_shape(hidden: int = 64, layers: int = 2) -> dict:
+    """The `tiny` section of a random test model (stock Llama, bidirectional): seconds to build and run on CPU."""
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
+
+
+def run_cli(args, capsys):
+    """Run ``dparallel ARGS``; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    """Bad input: exit code 2 and one line ``dparallel: error: ...`` naming every needle, no traceback."""
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dparallel: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: on 2 shared cores a second thread makes tiny matmuls slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
