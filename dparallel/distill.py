@@ -69,12 +69,15 @@ def build_distill_inputs(
     full_response: bool = False,
     single_pass: bool = False,
     generator: torch.Generator | None = None,
+    row_seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The two noisy inputs and their loss masks, each [B, P + G].
 
     prompt_ids: [B, P] left padded; tokens: [B, G] the teacher's canvas; attention_mask: [B, P] or [B, P + G]
     (1 = real token; positions outside it are never supervised). All randomness is drawn up front as one
     [B, 2 + 2G] uniform tensor (row i uses row i only), so a row's masks do not depend on the other rows.
+    With ``row_seeds`` [B] each row draws from its own generator instead (the trainer passes a seed per record
+    draw, so one process and any torchrun layout with the same global batch see the same masks).
     Returns (noisy_a, noisy_b, loss_mask_a, loss_mask_b); the b entries are None when ``single_pass``.
     """
     B, P = prompt_ids.shape
@@ -85,7 +88,11 @@ def build_distill_inputs(
     lo, hi = _ratio_range(mask_ratio)
     device = tokens.device
     gen_device = generator.device if generator is not None else device
-    u = torch.rand(B, 2 + 2 * G, generator=generator, device=gen_device).to(device)
+    if row_seeds is None:
+        u = torch.rand(B, 2 + 2 * G, generator=generator, device=gen_device).to(device)
+    else:  # one generator per row: a row's masks depend on its seed alone (same under any DDP layout)
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in row_seeds.tolist()]
+        u = torch.stack([torch.rand(2 + 2 * G, generator=g) for g in gens]).to(device)
     n_blocks = G // block
     start = ((u[:, 0] * n_blocks).long().clamp(max=n_blocks - 1) * block)[:, None]  # [B, 1]
     p = (lo + (hi - lo) * u[:, 1])[:, None]
@@ -168,6 +175,7 @@ class CertaintyForcingModule(DParallelModule):
         inputs = build_distill_inputs(
             prompt, tokens, attn, self.adapter.ids.mask, d.block_length, list(d.mask_ratio),
             d.complementary, d.mask_suffix, d.full_response, d.single_pass,
+            row_seeds=self.cfg.train.seed * 1_000_000_007 + batch["draw"],
         )  # fmt: skip
         targets = torch.cat([prompt, tokens], dim=1)
         ce = ent = 0.0
@@ -231,8 +239,9 @@ class TrajectoryBatches(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.records[i]
+    def __getitem__(self, draw: int) -> dict:
+        # ``draw`` = epoch * n + index (see EpochSampler): which record, and which draw of it (seeds its masks).
+        return {**self.records[draw % len(self.records)], "draw": draw}
 
     def collate(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         width = max(len(r["prompt_ids"]) for r in items)
@@ -245,12 +254,14 @@ class TrajectoryBatches(Dataset):
                 prompts[i, width - n :] = torch.as_tensor(np.asarray(r["prompt_ids"]), dtype=torch.long)
             attn[i, : width - n] = 0
         tokens = torch.as_tensor(np.stack([np.asarray(r["tokens"]) for r in items]), dtype=torch.long)
-        return {"prompt_ids": prompts, "tokens": tokens, "attention_mask": attn}
+        draws = torch.tensor([r.get("draw", i) for i, r in enumerate(items)], dtype=torch.long)
+        return {"prompt_ids": prompts, "tokens": tokens, "attention_mask": attn, "draw": draws}
 
 
 class EpochSampler(Sampler[int]):
-    """An endless index stream: epoch e is a permutation seeded by (seed, e), rank r takes every world-th index
-    (the tail that does not split evenly is dropped), and ``start`` skips indices already consumed (resume)."""
+    """An endless stream of record draws ``epoch * n + index``: epoch e is a permutation seeded by (seed, e), rank r
+    takes every world-th index (the tail that does not split evenly is dropped), and ``start`` skips draws already
+    consumed (resume)."""
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle: bool = True, start: int = 0):
         require(n >= world, f"{n} trajectories cannot feed {world} ranks: record more")
@@ -264,7 +275,7 @@ class EpochSampler(Sampler[int]):
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
             else:
                 order = torch.arange(self.n)
-            yield from order[self.rank :: self.world][:per_rank][offset:].tolist()
+            yield from (epoch * self.n + order[self.rank :: self.world][:per_rank][offset:]).tolist()
             epoch, offset = epoch + 1, 0
 
 

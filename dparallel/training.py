@@ -30,8 +30,10 @@ class DParallelModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, parts = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=self._batch_size(batch))
-        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=self._batch_size(batch))
+        # sync_dist: the logged value is the mean over ranks, i.e. the global batch's (what one process would log).
+        n = self._batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, batch_size=n, sync_dist=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=self._batch_size(batch))
         return loss
 
