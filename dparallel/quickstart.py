@@ -59,16 +59,19 @@ def quickstart(cfg: DictConfig) -> list[dict]:
         [
             f"distill.trajectories={trajectories}",
             f"train.max_steps={q.distill_steps}",
+            f"train.global_batch_size={q.distill_batch}",
+            "train.warmup_steps=5",
             "eval.after_train=true",
             f"eval.batch_size={cfg.eval.batch_size}",
             f"eval.suite.n_per_task={cfg.eval.suite.n_per_task}",
         ],
     )
     template = OmegaConf.to_container(cfg.eval.decoders[0])
-    distill.eval.decoders = [
+    decoders = [
         {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t)}
         for rule, t in (d.split(":") for d in q.student_decoders)
     ]
+    distill = OmegaConf.merge(distill, {"eval": {"decoders": decoders}})  # typed: each becomes a DecoderSpec
     train(distill)
     rows += _macro(json.loads((run_dir / "distill" / "eval.json").read_text()), "student")
 
