@@ -107,7 +107,8 @@ class EvalConfig:
 class QuickstartConfig:
     record_per_task: int = 60  # train-split prompts per task recorded from the teacher
     record_rule: str = "confidence"  # the teacher's decoder while recording (sequential is ~20x slower on CPU)
-    distill_steps: int = 150  # certainty-forcing steps
+    distill_steps: int = 30  # certainty-forcing steps (a demonstration on CPU; the tiny recipe runs 300)
+    distill_batch: int = 8  # global batch of the quickstart's distillation
     student_decoders: list[str] = field(default_factory=lambda: ["entropy:0.5", "entropy:1.0", "confidence:0.9"])
 
 
