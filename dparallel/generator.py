@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,9 @@ class Generator:
     def __init__(self, adapter: ModelAdapter, defaults: dict | None = None):
         self.adapter = adapter
         self.defaults = dict(defaults or {})
+        # rules contributed by loaded components: name -> make(config, explicit decode kwargs) -> Rule
+        self.rules: dict = {}
+        self.components: dict[str, dict] = {}
 
     def decode_config(self, **overrides) -> DecodeConfig:
         unknown = set(overrides) - DECODE_KEYS
@@ -49,7 +53,9 @@ class Generator:
         self, prompts: list[str], ids: list[list[int]], *, batch_size: int = 32, **decode
     ) -> list[Generation]:
         """Like :meth:`generate` for already-tokenised prompts."""
-        sampler = Sampler(self.adapter, self.decode_config(**decode))
+        config = self.decode_config(**decode)
+        make = self.rules.get(config.rule)
+        sampler = Sampler(self.adapter, config, rule=make(config, decode) if make else None)
         out = []
         for start in range(0, len(ids), batch_size):
             tokens, order, stats = sampler.run(ids[start : start + batch_size])
@@ -72,6 +78,24 @@ def load(
     """
     device = pick_device(device)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
     manifest = read_manifest(resolve_path(path))
+    if manifest.get("component") == "filter":  # a Learn2PD filter: load its base, attach the head
+        from dparallel.filters.learn2pd import attach_filter
+
+        base = manifest.get("base_model") or {}
+        base_path = str(base.get("path") or "")
+        require(base_path, f"{path}/dparallel.json names no base_model.path")
+        if not Path(base_path).exists() and (Path(resolve_path(path)) / base_path).exists():
+            base_path = str(Path(resolve_path(path)) / base_path)  # a base stored next to (inside) the folder
+        adapter = load_adapter(
+            base_path,
+            family=family or read_manifest(resolve_path(base_path)).get("family") or manifest.get("family"),
+            dtype=dtype,
+            device=device,
+            revision=base.get("revision"),
+        )
+        gen = Generator(adapter, manifest.get("decoding"))
+        attach_filter(gen, resolve_path(path), manifest)
+        return gen
+    adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
     return Generator(adapter, manifest.get("decoding"))

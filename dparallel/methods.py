@@ -97,3 +97,24 @@ def register_method(method: Method) -> None:
 
 register_method(Method("pretrain", PretrainConfig, _build_pretrain, _save_model))
 register_method(Method("distill", DistillConfig, _build_distill, _save_distill))
+
+
+def _build_filter(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.filters.learn2pd import build
+
+    return build(cfg, micro, start_batch)
+
+
+def _save_filter(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.filters.learn2pd import save
+
+    save(module, cfg, out)
+
+
+def _filter_config() -> type:
+    from dparallel.filters.learn2pd import FilterConfig
+
+    return FilterConfig
+
+
+register_method(Method("filter", _filter_config(), _build_filter, _save_filter))

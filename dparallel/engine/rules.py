@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from dparallel.errors import require
+from dparallel.errors import DParallelError, require
 
 NEG_INF = float("-inf")
 
@@ -29,6 +29,10 @@ class Proposal:
     logits: [B, W, V] the raw logits (rules that need more than the confidence use them)
     masked: [B, W] True where the position is still masked
     step: index of this step inside the block (0-based)
+    offset: answer-canvas index of the window's first position (block b of length W: b * W)
+
+    A rule may replace ``tokens`` (the sampler commits ``tokens`` after ``select``): the oracle writes reference
+    tokens there.
     """
 
     tokens: torch.Tensor
@@ -36,6 +40,7 @@ class Proposal:
     logits: torch.Tensor
     masked: torch.Tensor
     step: int
+    offset: int = 0
 
 
 def rank_in_row(score: torch.Tensor) -> torch.Tensor:
@@ -160,4 +165,7 @@ def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, fact
     if name == "factor":
         require(factor > 0.0 and math.isfinite(factor), f"factor {factor} must be a positive number")
         return Factor(factor)
-    raise KeyError(name)
+    raise DParallelError(
+        f"unknown decoding rule {name!r}: built in are topk, confidence, entropy, factor; `filter` needs a filter "
+        "component (dparallel.load(FILTER_FOLDER)), `oracle` a reference (dparallel.filters.learn2pd.OracleRule)"
+    )

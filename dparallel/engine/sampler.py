@@ -18,12 +18,14 @@ from dparallel.engine.cache import CACHE_MODES, ContextCache
 from dparallel.engine.rules import NEG_INF, Proposal, Rule, build_rule
 from dparallel.errors import require
 
+EOT_STOP = ("none", "accepted", "any")
+
 
 @dataclass
 class DecodeConfig:
     """Decoding options. Names follow LLaDA's ``generate`` where it has one."""
 
-    rule: str = "topk"  # topk | confidence | entropy | factor
+    rule: str = "topk"  # topk | confidence | entropy | factor (| filter with a loaded filter component)
     gen_length: int = 128  # canvas length (answer tokens) per prompt
     block_length: int = 32  # semi-AR block; gen_length must be a multiple of it
     steps: int | None = None  # topk: total steps over the canvas (default gen_length: one token per step)
@@ -37,6 +39,7 @@ class DecodeConfig:
     seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
     cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate key/value caches)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
+    eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
 
     def validate(self) -> None:
         require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
@@ -53,6 +56,7 @@ class DecodeConfig:
         require(self.cache in CACHE_MODES, f"cache={self.cache!r}: choose from {', '.join(CACHE_MODES)}")
         require(self.cache == "none" or self.cfg_scale <= 0, "cfg_scale > 0 needs cache=none")
         require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
+        require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
         if self.steps is not None:
             require(
                 0 < self.steps <= self.gen_length,
@@ -202,6 +206,31 @@ class Sampler:
             return cache.refresh(canvas.x, canvas.attention_mask, lo, hi)[:, lo:hi], lo
         return cache.step(canvas.x, canvas.attention_mask, lo, hi)[:, : hi - lo], lo
 
+    # ---- End-of-Text prediction (EoTP) ---------------------------------------------------------------------
+    def _end_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = self.adapter.ids
+        return (tokens == ids.eos) | (tokens == ids.eot)
+
+    def _cut_at_proposed_eot(self, p: Proposal, commit: torch.Tensor) -> torch.Tensor:
+        """``eot_stop=any``: in rows where some masked position of the window proposes EOS/EoT, commit the most
+        confident such position and drop this step's commits after it (``_fill_after_eot`` fills the rest)."""
+        proposed = self._end_token(p.tokens) & p.masked
+        cut = p.confidence.masked_fill(~proposed, NEG_INF).argmax(dim=1, keepdim=True)  # [B, 1]
+        pos = torch.arange(commit.shape[1], device=commit.device)[None, :]
+        cut_commit = (commit & (pos < cut)) | (pos == cut)
+        return torch.where(proposed.any(dim=1, keepdim=True), cut_commit, commit)
+
+    def _fill_after_eot(self, canvas: Canvas, nfe: torch.Tensor) -> None:
+        """Every still-masked answer position after a row's first committed EOS/EoT becomes EOS, committed at this
+        step: those rows then have nothing left to decode in later blocks (no forwards, no NFE)."""
+        answer = canvas.x[:, canvas.prompt_width :]  # a view: filled in place
+        ended = self._end_token(answer)
+        pos = torch.arange(answer.shape[1], device=answer.device)[None, :]
+        first = torch.where(ended, pos, answer.shape[1]).min(dim=1, keepdim=True).values
+        fill = (answer == self.adapter.ids.mask) & (pos > first)
+        answer.masked_fill_(fill, self.adapter.ids.eos)
+        canvas.order.copy_(torch.where(fill, nfe[:, None], canvas.order))
+
     # ---- the loop ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -230,7 +259,9 @@ class Sampler:
             for step in range(self.rule.steps_per_block(cfg.block_length)):
                 in_block = canvas.x[:, lo:hi] == mask_id  # [B, W]
                 active = in_block.any(dim=1)
-                if not self.rule.fixed_steps and not bool(active.any()):
+                # A block ends as soon as no row has masks in it (one host sync per step). `topk` without EoTP
+                # skips the check: its schedule empties every block exactly at its last step.
+                if (not self.rule.fixed_steps or cfg.eot_stop != "none") and not bool(active.any()):
                     break
                 masked = canvas.x == mask_id
                 masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
@@ -238,16 +269,20 @@ class Sampler:
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
                 w = slice(lo - first, hi - first)
-                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step)
+                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, lo - canvas.prompt_width)
                 if on_step is not None:
                     _emit_step(on_step, calls, canvas, logits, first, nfe, active)
                     calls += 1
-                commit = self.rule.select(proposal) & in_block
+                commit = self.rule.select(proposal) & in_block  # a rule may replace proposal.tokens (oracle)
+                if cfg.eot_stop == "any":
+                    commit = self._cut_at_proposed_eot(proposal, commit)
                 window = canvas.x[:, lo:hi]
                 canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)
                 order = canvas.order[:, lo - canvas.prompt_width : hi - canvas.prompt_width]
                 # the row's own step count (its NFE so far), so a row's trajectory does not depend on its batch
                 order.copy_(torch.where(commit, nfe[:, None], order))
+                if cfg.eot_stop != "none":
+                    self._fill_after_eot(canvas, nfe)
                 nfe += active.long()
         wall = time.perf_counter() - start
         out = canvas.x[:, canvas.prompt_width :]
