@@ -129,8 +129,8 @@ class Entropy(Rule):
         self.threshold = threshold
 
     def select(self, p: Proposal) -> torch.Tensor:
-        logp = torch.log_softmax(p.logits.float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)  # [B, W]
+        probs = torch.softmax(p.logits.float(), dim=-1)
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, W]; xlogy: 0 log 0 = 0 for -inf logits
         return ((entropy < self.threshold) & p.masked) | best_masked(-entropy, p.masked)
 
 

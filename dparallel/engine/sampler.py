@@ -175,7 +175,7 @@ class Sampler:
     def _propose(self, logits: torch.Tensor, x: torch.Tensor, masked: torch.Tensor, gen) -> tuple:
         """Candidate tokens [B, L] and their confidence [B, L] (-inf where not masked), LLaDA's way."""
         cfg, ids = self.config, self.adapter.ids
-        logits = logits.clone()
+        # In place, as LLaDA edits its logits (no [B, L, V] copy per step); rules and features see the same logits.
         logits[:, :, ids.mask] = NEG_INF  # never propose the mask token itself (a block would never finish)
         if cfg.logits_eos_inf:
             logits[:, :, ids.eos] = NEG_INF
