@@ -153,6 +153,13 @@ def _export(ns: argparse.Namespace, extra: list[str], parser: argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    # Lightning's info lines (accelerator summary, cloud-logging tips) drown our own progress output.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor load/save bars
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except DParallelError as e:
