@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dparallel.config import save_recipe
@@ -32,7 +31,7 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
 
     from dparallel.methods import METHODS
-    from dparallel.training import build_trainer, micro_batch, resume_path
+    from dparallel.training import build_trainer, micro_batch, resume_point
 
     require(cfg.method in METHODS, f"method={cfg.method!r} is not a training method: use one of {', '.join(METHODS)}")
     method = METHODS[cfg.method]
@@ -41,11 +40,10 @@ def train(cfg: DictConfig) -> Path:
         save_recipe(cfg, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     micro, accumulate = micro_batch(cfg)
-    ckpt = resume_path(run_dir)
-    start_batch = 0
+    ckpt, done_steps = resume_point(run_dir)
+    start_batch = done_steps * accumulate
     if ckpt is not None:
-        start_batch = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] * accumulate
-        print(f"resuming from {ckpt} (step {start_batch // accumulate})", flush=True)
+        print(f"resuming from {ckpt} (step {done_steps})", flush=True)
     module, loader = method.build(cfg, micro, start_batch)
     trainer = build_trainer(cfg, run_dir)
     start = time.perf_counter()

@@ -153,13 +153,14 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     )
 
 
-def resume_path(run_dir: Path) -> str | None:
-    """RUN_DIR/checkpoints/last.ckpt when a killed run left one, so ``train`` resumes instead of restarting."""
+def resume_point(run_dir: Path) -> tuple[str | None, int]:
+    """(RUN_DIR/checkpoints/last.ckpt, its global step) when a killed run left one, so ``train`` resumes instead of
+    restarting; (None, 0) otherwise. The checkpoint is read once (memory-mapped); a corrupt one is a clear error."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        try:
-            torch.load(last, map_location="cpu", weights_only=False, mmap=True)
-        except Exception:
-            raise DParallelError(f"checkpoint {last} is corrupt: delete it to restart from the previous one") from None
-        return str(last)
-    return None
+    if not last.is_file():
+        return None, 0
+    try:
+        step = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+    except Exception:
+        raise DParallelError(f"checkpoint {last} is corrupt: delete it to restart from the previous one") from None
+    return str(last), int(step)

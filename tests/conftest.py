@@ -43,3 +43,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_dparallel(args: list[str], nproc: int = 1, timeout: int = 300):
+    """``dparallel ARGS`` in a subprocess, under ``torch.distributed.run`` (gloo, standalone) when nproc > 1."""
+    import os
+    import subprocess
+    import sys
+
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, *launcher, "-m", "dparallel", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

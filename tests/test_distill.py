@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_shape
+from conftest import run_dparallel, tiny_shape
 from omegaconf import OmegaConf
 
 import dparallel
@@ -247,8 +247,6 @@ def test_two_process_torchrun_gives_the_one_process_loss_curve(tmp_path):
     """Same global batch, 1 process vs 2 gloo ranks: per-record mask seeds and rank-mean logging make the curves
     equal (up to float error from the different left padding of each micro batch)."""
     import csv
-    import os
-    import subprocess
 
     folder = tmp_path / "student"
     save_model_folder(new_tiny_adapter(OmegaConf.create(SHAPE), seed=0), folder, dtype="float32")
@@ -265,26 +263,9 @@ def test_two_process_torchrun_gives_the_one_process_loss_curve(tmp_path):
         "train.warmup_steps=0",
         "train.lr=1e-2",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    launch = {
-        "one": [sys.executable, "-m", "dparallel", "train"],
-        "two": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "dparallel",
-            "train",
-        ],
-    }
     curves = {}
-    for name, cmd in launch.items():
-        proc = subprocess.run(
-            [*cmd, *args, f"run_dir={tmp_path / name}"], env=env, capture_output=True, text=True, timeout=300
-        )
+    for name, nproc in (("one", 1), ("two", 2)):
+        proc = run_dparallel(["train", *args, f"run_dir={tmp_path / name}"], nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = list(csv.DictReader((tmp_path / name / "logs" / "version_0" / "metrics.csv").open()))
         curves[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

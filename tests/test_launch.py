@@ -1,11 +1,9 @@
 """Every tiny training recipe runs under a 2-process torchrun on CPU (gloo)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_dparallel
 
 TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
 FIXTURE = Path(__file__).parent / "fixtures" / "trajectories-tiny"  # 4 records, gen 16, block 8, dense features
@@ -32,25 +30,18 @@ RECIPES = {
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_two_process_torchrun_trains_and_saves(name, tmp_path):
     recipe, *overrides = RECIPES[name]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "dparallel",
-        "train",
-        recipe,
-        *overrides,
-        f"run_dir={tmp_path}",
-        "train.max_steps=2",
-        "train.global_batch_size=4",
-        "train.log_every=1",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_dparallel(
+        [
+            "train",
+            recipe,
+            *overrides,
+            f"run_dir={tmp_path}",
+            "train.max_steps=2",
+            "train.global_batch_size=4",
+            "train.log_every=1",
+        ],
+        nproc=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "model" / "dparallel.json").is_file()
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli, tiny_shape
+from conftest import assert_one_line_error, run_cli, run_dparallel, tiny_shape
 from dparallel.data import trajectory as T
 from dparallel.data.record import record
 from dparallel.data.sources import SourceConfig, build_checker, load_items
@@ -285,10 +284,8 @@ def test_model_recipes_load():
 @pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(model, tmp_path):
     one = record(recipe(model, tmp_path / "one", "record.features=true"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dparallel"]
-    cmd += ["record", "recipes/tiny/record.yaml", *overrides(model, tmp_path / "two", "record.features=true")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = ["record", "recipes/tiny/record.yaml", *overrides(model, tmp_path / "two", "record.features=true")]
+    proc = run_dparallel(args, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = tmp_path / "two" / "trajectories"
     assert rows(two) == rows(one)
