@@ -14,9 +14,7 @@ from omegaconf import OmegaConf
 from dparallel.adapters import MANIFEST
 from dparallel.errors import DParallelError, require
 from dparallel.io import atomic_write_json, atomic_write_text
-
-# What each training method produces, as recorded in dparallel.json.
-COMPONENT_OF_METHOD = {"pretrain": "base", "distill": "student"}
+from dparallel.methods import component_of
 
 
 def _read_json(path: Path) -> dict:
@@ -41,10 +39,11 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
     manifest = _read_json(model_dir / MANIFEST)
     eval_report = _read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else None
     manifest.update(
-        component=COMPONENT_OF_METHOD.get(cfg.get("method", ""), manifest.get("component", "base")),
+        component=component_of(cfg.get("method", ""), manifest.get("component", "base")),
         method=cfg.get("method", ""),
         base_model={"path": cfg.model.path, "revision": cfg.model.revision},
-        decoding=OmegaConf.to_container(cfg.decode),
+        # a component's own decoding defaults (its rule, its threshold) win over the recipe's decode section
+        decoding={**OmegaConf.to_container(cfg.decode), **(manifest.get("decoding") or {})},
         eval=eval_report,
         recipe=OmegaConf.to_container(cfg),
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -79,23 +78,20 @@ def load(
     device = pick_device(device)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     manifest = read_manifest(resolve_path(path))
-    if manifest.get("component") == "filter":  # a Learn2PD filter: load its base, attach the head
-        from dparallel.filters.learn2pd import attach_filter
+    if manifest.get("component") not in (None, "base", "student"):  # a component: load its base, attach it
+        from dparallel.components import attach, base_path
 
-        base = manifest.get("base_model") or {}
-        base_path = str(base.get("path") or "")
-        require(base_path, f"{path}/dparallel.json names no base_model.path")
-        if not Path(base_path).exists() and (Path(resolve_path(path)) / base_path).exists():
-            base_path = str(Path(resolve_path(path)) / base_path)  # a base stored next to (inside) the folder
+        folder = resolve_path(path)
+        base = base_path(folder, manifest)
         adapter = load_adapter(
-            base_path,
-            family=family or read_manifest(resolve_path(base_path)).get("family") or manifest.get("family"),
+            base,
+            family=family or read_manifest(resolve_path(base)).get("family") or manifest.get("family"),
             dtype=dtype,
             device=device,
-            revision=base.get("revision"),
+            revision=(manifest.get("base_model") or {}).get("revision"),
         )
         gen = Generator(adapter, manifest.get("decoding"))
-        attach_filter(gen, resolve_path(path), manifest)
+        attach(gen, folder, manifest)
         return gen
     adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
     return Generator(adapter, manifest.get("decoding"))

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from dparallel.config import METHOD_SECTIONS
 from dparallel.distill import DistillConfig
+from dparallel.errors import DParallelError
 from dparallel.pretrain import MaskedDiffusionModule, PretrainConfig
 from dparallel.training import DParallelModule
 
@@ -21,12 +22,16 @@ from dparallel.training import DParallelModule
 @dataclass(frozen=True)
 class Method:
     """``build(cfg, micro_batch, start_batch)`` returns the module and its train dataloader; ``save`` writes the
-    trained artifact into a folder."""
+    trained artifact into a folder. ``component`` is what the artifact is (``dparallel.json``'s ``component``):
+    ``base``/``student`` for a whole model, or the kind of a component that rides on a frozen base, whose
+    ``attach(generator, folder, manifest)`` gives a loaded generator the component's decoding rule."""
 
     name: str
     section: type
     build: Callable[[DictConfig, int, int], tuple[DParallelModule, object]]
     save: Callable[[DParallelModule, DictConfig, Path], None]
+    component: str = "base"
+    attach: Callable[[object, str, dict], None] | None = None
 
 
 def _build_pretrain(cfg: DictConfig, micro: int, start_batch: int):
@@ -95,8 +100,22 @@ def register_method(method: Method) -> None:
     METHOD_SECTIONS[method.name] = method.section
 
 
+def component_of(method: str, default: str = "base") -> str:
+    """What a method's artifact is (``base``, ``student``, ``filter`` ...); ``default`` for an unknown method."""
+    return METHODS[method].component if method in METHODS else default
+
+
+def component_attach(kind: str) -> Callable[[object, str, dict], None]:
+    """The ``attach`` of the method whose artifact is the component ``kind``."""
+    for m in METHODS.values():
+        if m.component == kind and m.attach is not None:
+            return m.attach
+    kinds = sorted(m.component for m in METHODS.values() if m.attach is not None)
+    raise DParallelError(f"unknown component kind {kind!r}: this dparallel loads {', '.join(kinds)}")
+
+
 register_method(Method("pretrain", PretrainConfig, _build_pretrain, _save_model))
-register_method(Method("distill", DistillConfig, _build_distill, _save_distill))
+register_method(Method("distill", DistillConfig, _build_distill, _save_distill, component="student"))
 
 
 def _build_filter(cfg: DictConfig, micro: int, start_batch: int):
@@ -111,10 +130,18 @@ def _save_filter(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
     save(module, cfg, out)
 
 
+def _attach_filter(generator, folder: str, manifest: dict) -> None:
+    from dparallel.filters.learn2pd import attach_filter
+
+    attach_filter(generator, folder, manifest)
+
+
 def _filter_config() -> type:
     from dparallel.filters.learn2pd import FilterConfig
 
     return FilterConfig
 
 
-register_method(Method("filter", _filter_config(), _build_filter, _save_filter))
+register_method(
+    Method("filter", _filter_config(), _build_filter, _save_filter, component="filter", attach=_attach_filter)
+)

@@ -17,7 +17,6 @@ rule commits every masked position with ``sigmoid(logit) > threshold``, plus the
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import IterableDataset
 
-from dparallel.adapters import MANIFEST, ModelAdapter, SpecialIds
+from dparallel.adapters import ModelAdapter, SpecialIds, read_manifest
+from dparallel.components import HeadOnlyAdapter, base_vocab_size, load_weights, save_component
 from dparallel.engine.rules import Proposal, Rule, best_masked
 from dparallel.errors import DParallelError, require
 from dparallel.training import DParallelModule
 
 FEATURES = ("conf", "mask", "position", "step")
-HEAD_FILE = "filter.safetensors"
 COMPONENT = "filter"
 
 
@@ -318,14 +317,6 @@ def filter_metrics(head: FilterHead, examples: FilterExamples, threshold: float)
     }
 
 
-class HeadOnlyAdapter:
-    """Stands in for the base model while training a head on precomputed features: ids and identity, no weights."""
-
-    def __init__(self, family: str, ids: SpecialIds, vocab_size: int, name: str = ""):
-        self.family, self.ids, self.vocab_size, self.name = family, ids, vocab_size, name
-        self.model = None
-
-
 class Learn2PDModule(DParallelModule):
     """Trains the filter head; the base model is not loaded (``self.adapter`` only carries its ids)."""
 
@@ -351,27 +342,6 @@ class Learn2PDModule(DParallelModule):
         return loss
 
 
-def _base_vocab_size(path: str, revision: str | None) -> int:
-    """The base model's vocabulary size from its config.json (no weights are loaded)."""
-    from dparallel.adapters import resolve_path
-
-    local = resolve_path(path)
-    if Path(local).is_dir():
-        file = Path(local) / "config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            file = Path(hf_hub_download(local, "config.json", revision=revision))
-        except Exception as e:  # offline, unknown repo: one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DParallelError(f"cannot read the config of base model {path!r} ({first})") from None
-    require(file.is_file(), f"{file} not found: model.path must be a model folder")
-    vocab = json.loads(file.read_text()).get("vocab_size")
-    require(isinstance(vocab, int), f"{file} has no vocab_size")
-    return vocab
-
-
 def build(cfg: DictConfig, micro: int, start_batch: int):
     from torch.utils.data import DataLoader
 
@@ -392,7 +362,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
         f"trajectories of a {teacher.get('family')} teacher, model.family={family}",
     )
     ids = SpecialIds(**manifest["ids"])
-    adapter = HeadOnlyAdapter(family, ids, _base_vocab_size(cfg.model.path, cfg.model.revision), cfg.model.path)
+    adapter = HeadOnlyAdapter(family, ids, base_vocab_size(cfg.model.path, cfg.model.revision), cfg.model.path)
     m = train_ex.masked
     n_pos = int((train_ex.label & m).sum())
     n_neg = int(m.sum()) - n_pos
@@ -417,87 +387,34 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
 
 def save(module: Learn2PDModule, cfg: DictConfig, out: Path) -> None:
     """RUN_DIR/model: ``filter.safetensors`` (the head) and ``dparallel.json`` (component ``filter``)."""
-    import shutil
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    from dparallel.io import atomic_write_json
-
-    head, adapter, f = module.head, module.adapter, cfg.filter
+    head, f = module.head, cfg.filter
     if module.val is not None and len(module.val):
         module.val_metrics = filter_metrics(head, module.val, f.threshold)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)
-    try:
-        save_file(
-            {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp / HEAD_FILE)
-        )
-        atomic_write_json(
-            tmp / MANIFEST,
-            {
-                "component": COMPONENT,
-                "family": adapter.family,
-                "name": cfg.name,
-                "base_model": {"path": cfg.model.path, "revision": cfg.model.revision},
-                "ids": adapter.ids.__dict__,
-                "vocab_size": adapter.vocab_size,
-                "block_length": head.block_length,
-                "features": list(head.features),
-                "hidden": head.hidden,
-                "threshold": f.threshold,
-                "metrics": module.val_metrics,
-                "decoding": {"rule": "filter", "threshold": f.threshold, "block_length": head.block_length},
-                "recipe": OmegaConf.to_container(cfg),
-            },
-        )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    fields = {
+        "block_length": head.block_length,
+        "features": list(head.features),
+        "hidden": head.hidden,
+        "threshold": f.threshold,
+        "metrics": module.val_metrics,
+    }
+    decoding = {"rule": "filter", "threshold": f.threshold, "block_length": head.block_length}
+    save_component(out, COMPONENT, head, module.adapter, cfg, fields, decoding)
 
 
 def load_head(folder: str | Path, manifest: dict | None = None) -> tuple[FilterHead, dict]:
     """The filter head of a component folder and its manifest."""
-    from safetensors.torch import load_file
-
-    from dparallel.adapters import read_manifest
-
-    folder = Path(folder)
     manifest = manifest if manifest is not None else read_manifest(str(folder))
     require(manifest.get("component") == COMPONENT, f"{folder} is not a filter component (no component: filter)")
-    require((folder / HEAD_FILE).is_file(), f"{folder / HEAD_FILE} is missing: re-export the filter")
     head = FilterHead(
         int(manifest["block_length"]), manifest.get("features", ["conf"]), int(manifest.get("hidden", 64))
     )
-    try:
-        head.load_state_dict(load_file(str(folder / HEAD_FILE)))
-    except RuntimeError as e:
-        raise DParallelError(
-            f"{folder / HEAD_FILE} does not match its dparallel.json ({str(e).splitlines()[0]})"
-        ) from None
-    return head.eval(), manifest
-
-
-def check_base(adapter: ModelAdapter, manifest: dict, where: str = "filter") -> None:
-    """Refuse a base model whose family, vocabulary size or mask id differ from the one the filter was trained on."""
-    want = (manifest.get("family"), manifest.get("vocab_size"), (manifest.get("ids") or {}).get("mask"))
-    have = (adapter.family, adapter.vocab_size, adapter.ids.mask)
-    for name, w, h in zip(("family", "vocab size", "mask id"), want, have):
-        require(
-            w is None or w == h,
-            f"{where} was trained for a base with {name} {w!r}, the base model has {h!r}: load it onto its own base "
-            f"({(manifest.get('base_model') or {}).get('path')})",
-        )
+    return load_weights(folder, COMPONENT, head, manifest), manifest
 
 
 def attach_filter(generator, folder: str | Path, manifest: dict | None = None) -> None:
-    """Give ``generator`` the ``filter`` rule of the component at ``folder`` (checked against its base)."""
+    """Give ``generator`` the ``filter`` rule of the component at ``folder`` (its base is checked by
+    :func:`dparallel.components.attach`)."""
     head, manifest = load_head(folder, manifest)
-    check_base(generator.adapter, manifest, str(folder))
     head = head.to(generator.adapter.device)
     default_threshold = float(manifest.get("threshold", 0.96))
 
@@ -509,4 +426,3 @@ def attach_filter(generator, folder: str | Path, manifest: dict | None = None) -
         return FilterRule(head, float(explicit.get("threshold", default_threshold)))
 
     generator.rules["filter"] = make
-    generator.components["filter"] = {"folder": str(folder), "threshold": default_threshold}

@@ -33,6 +33,9 @@ class Proposal:
 
     A rule may replace ``tokens`` (the sampler commits ``tokens`` after ``select``): the oracle writes reference
     tokens there.
+
+    context: what a rule that looks beyond the window needs (a policy over the whole canvas, a sampler layer over
+    the model's hidden states): see :class:`StepContext`.
     """
 
     tokens: torch.Tensor
@@ -41,6 +44,32 @@ class Proposal:
     masked: torch.Tensor
     step: int
     offset: int = 0
+    context: StepContext | None = None
+
+
+@dataclass
+class StepContext:
+    """The whole decoding state at one step, for rules that see more than the active window.
+
+    x: [B, L] the canvas (left padding, prompt, answer; masks where undecided) before this step's commits
+    attention_mask: [B, L] 1 on real tokens
+    prompt_width: P, the answer canvas is ``x[:, P:]``
+    logits: [B, S, V] this forward's logits over canvas positions ``[first, first + S)`` (the whole canvas without
+        a cache; the window (dual) or window + suffix (prefix) under a cache)
+    first: canvas position of ``logits[:, 0]``
+    window: (lo, hi) canvas positions of the active block
+    nfe: [B] full forwards each row has taken part in so far (before this one)
+    generator: the sampler's random generator (sampling rules draw from it, so a seed reproduces a run)
+    """
+
+    x: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    logits: torch.Tensor
+    first: int
+    window: tuple[int, int]
+    nfe: torch.Tensor
+    generator: torch.Generator | None = None
 
 
 def rank_in_row(score: torch.Tensor) -> torch.Tensor:

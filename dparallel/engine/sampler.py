@@ -15,7 +15,7 @@ import torch
 
 from dparallel.adapters import ModelAdapter
 from dparallel.engine.cache import CACHE_MODES, ContextCache
-from dparallel.engine.rules import NEG_INF, Proposal, Rule, build_rule
+from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule
 from dparallel.errors import require
 
 EOT_STOP = ("none", "accepted", "any")
@@ -269,7 +269,11 @@ class Sampler:
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
                 w = slice(lo - first, hi - first)
-                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, lo - canvas.prompt_width)
+                context = StepContext(
+                    canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen
+                )
+                offset = lo - canvas.prompt_width
+                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, offset, context)
                 if on_step is not None:
                     _emit_step(on_step, calls, canvas, logits, first, nfe, active)
                     calls += 1
