@@ -56,6 +56,9 @@ def train(cfg: DictConfig) -> Path:
         wandb.finish()
     if trainer.is_global_zero:
         method.save(module, cfg, run_dir / "model")
+        from dparallel.plots import training_curves
+
+        training_curves(run_dir)  # RUN_DIR/train.png: the loss (and every other logged metric) against the step
         print(
             f"trained {cfg.method} for {trainer.global_step} steps in {time.perf_counter() - start:.0f}s; "
             f"model saved to {run_dir / 'model'}",

@@ -93,13 +93,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def pareto_plot(rows: list[dict], out: Path) -> None:
     """Macro accuracy against mean NFE, one labelled point per decoder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dparallel.plots import new_figure, save_figure
 
     macro = [r for r in rows if r["task"] == "macro"]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    fig, axes = new_figure(5, 3.5)
+    ax = axes[0, 0]
     for r in macro:
         ax.scatter(r["nfe"], r["accuracy"])
         ax.annotate(r["decoder"], (r["nfe"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -107,8 +105,4 @@ def pareto_plot(rows: list[dict], out: Path) -> None:
     ax.set_ylabel("macro accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)

@@ -8,7 +8,6 @@ run directory each, wandb offline, and a comparison table (``sweep.md``, ``sweep
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -59,11 +58,12 @@ def metric_value(run_dir: Path, metric: str) -> float:
         _, decoder, task, name = metric.split("/")
         rows = json.loads((run_dir / "eval.json").read_text())["results"]
         return next(r[name] for r in rows if r["decoder"] == decoder and r["task"] == task)
-    logs = sorted((run_dir / "logs").glob("version_*/metrics.csv"))
-    require(bool(logs), f"no metrics logged in {run_dir}/logs")
-    values = [row[metric] for row in csv.DictReader(logs[-1].open()) if row.get(metric)]
-    require(bool(values), f"metric {metric!r} was never logged in {logs[-1]}")
-    return float(values[-1])
+    from dparallel.plots import read_metrics
+
+    series = read_metrics(run_dir)
+    require(bool(series), f"no metrics logged in {run_dir}/logs")
+    require(metric in series, f"metric {metric!r} was never logged in {run_dir}/logs (logged: {', '.join(series)})")
+    return series[metric][-1][1]
 
 
 def run_local(cfg: DictConfig, recipe: str, overrides: list[str]) -> list[dict]:
@@ -103,16 +103,9 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], metric: str, out: Path) -> None:
-    import matplotlib
+    from dparallel.plots import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.barh([r["run"] for r in results], [r[metric] for r in results])
-    ax.set_xlabel(metric)
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
+    fig, axes = new_figure(6, 3.5)
+    axes[0, 0].barh([r["run"] for r in results], [r[metric] for r in results])
+    axes[0, 0].set_xlabel(metric)
+    save_figure(fig, out)

@@ -55,3 +55,18 @@ def run_dparallel(args: list[str], nproc: int = 1, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, *launcher, "-m", "dparallel", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def fresh_process_tokens(folder, prompts: list[str], **decode) -> list[list[int]]:
+    """``dparallel.load(folder).generate(prompts, **decode)`` in a new Python process: the canvas tokens of each
+    answer. What an exported folder gives a user who has nothing but the folder."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        f"import dparallel, json; g = dparallel.load({str(folder)!r}, device='cpu'); "
+        f"print(json.dumps([o.tokens for o in g.generate({prompts!r}, **{decode!r})]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -1,10 +1,9 @@
 """Export: train tiny -> export -> load in a fresh process -> the same tokens; refusals are one-line errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import fresh_process_tokens
 
 import dparallel
 from dparallel.cli import main
@@ -50,13 +49,7 @@ def test_export_then_load_in_fresh_process_gives_same_tokens(run_dir, tmp_path, 
     assert manifest["decoding"]["rule"] == "confidence" and manifest["ids"]["mask"] == 1
     assert "## Load" in (tmp_path / "out" / "README.md").read_text()
     # The exported folder's decoding defaults (confidence, gen 16, block 8) apply without arguments.
-    folder = str(tmp_path / "out")
-    code = (
-        f"import dparallel, json; g = dparallel.load({folder!r}, device='cpu'); "
-        f"print(json.dumps([o.tokens for o in g.generate({PROMPTS!r})]))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out.strip().splitlines()[-1]) == before
+    assert fresh_process_tokens(tmp_path / "out", PROMPTS) == before
 
 
 def test_export_refuses_non_empty_target_and_keeps_it(run_dir, tmp_path, capsys):

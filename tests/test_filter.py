@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fresh_process_tokens
 from dparallel.data.record import record
 from dparallel.data.trajectory import state_at
 from dparallel.filters.learn2pd import (
@@ -156,8 +157,12 @@ def test_fit_three_steps_and_save_a_loadable_filter(recorded):
     assert (manifest["block_length"], manifest["features"], manifest["ids"]["mask"]) == (8, ["conf", "mask", "step"], 1)
     assert manifest["vocab_size"] == 100 and set(manifest["metrics"]) >= {"precision", "recall", "fpr"}
     assert not (model_dir / "model.safetensors").exists()  # the head only, never the base
+    prompts = ["copy: ab\n", "reverse: abc\n"]
+    before = [o.tokens for o in dparallel.load(str(model_dir), device="cpu").generate(prompts, gen_length=16)]
     exported = export_run(run)  # the Hugging Face folder keeps the component, its base and the head
-    assert json.loads((exported / "dparallel.json").read_text())["component"] == "filter"
+    exported_manifest = json.loads((exported / "dparallel.json").read_text())
+    assert exported_manifest["component"] == "filter" and exported_manifest["decoding"]["rule"] == "filter"
+    assert fresh_process_tokens(exported, prompts, gen_length=16) == before  # its defaults: rule filter, block 8
     gen = dparallel.load(str(exported), device="cpu")
     out = gen.generate(["copy: ab\n", "reverse: abc\n"], rule="filter", gen_length=16, block_length=8)
     assert all(len(o.tokens) == 16 and MASK not in o.tokens for o in out)

@@ -46,3 +46,4 @@ def test_local_sweep_runs_every_point_and_ranks_them(tmp_path, monkeypatch):
     assert (tmp_path / "sweep.png").is_file() and (tmp_path / "sweep.md").read_text().startswith("| run |")
     assert yaml.safe_load((tmp_path / "sweep.yaml").read_text())["method"] == "grid"
     assert any((tmp_path / report["runs"][0]["run"] / "wandb").iterdir())  # wandb ran, offline
+    assert all((tmp_path / r["run"] / "train.png").is_file() for r in report["runs"])  # each point's curves
