@@ -32,7 +32,7 @@ class RecordConfig:
     out: str = "${run_dir}/trajectories"  # output folder: shard-NNNNN/ + sidecars, manifest.json, tokenizer/
     shard_size: int = 256  # prompts per shard: the unit of resume and of each rank's work
     batch_size: int = 32  # prompts per engine call
-    features: bool = False  # also store dense per-step pred int32[steps, G] and conf float16[steps, G]
+    features: bool = False  # also store dense per-step pred, conf, entropy, margin [steps, G] (Learn2PD's inputs)
     keep: str = "all"  # all | correct (drop records the checker marks wrong)
     checker: str = "auto"  # auto (suite: its own; else none) | none | exact | last_number | suite | module:function
     dedup: bool = True  # drop repeated prompts (by hash), keeping the first
@@ -195,15 +195,16 @@ def record_batch(adapter, decode, batch: list[Item], rc, checker, cfg=None) -> l
     ids = adapter.encode([it.prompt for it in batch], rc.source.chat_template)
     steps_log: list[tuple] = []
 
-    def on_step(call, row_steps, tokens, conf):
-        steps_log.append((row_steps, tokens.to(torch.int32), conf.to(torch.float16)))
+    def on_step(call, row_steps, tokens, stats):
+        steps_log.append((row_steps, tokens.to(torch.int32), {k: v.to(torch.float16) for k, v in stats.items()}))
 
     tokens, order, stats = Sampler(adapter, decode).run(ids, on_step=on_step if rc.features else None)
     tokens, order = tokens.cpu().numpy().astype(np.int32), order.cpu().numpy().astype(np.int32)
     if rc.features:
         rows = torch.stack([s[0] for s in steps_log]).cpu().numpy()  # [calls, B]
-        pred = torch.stack([s[1] for s in steps_log]).cpu().numpy()  # [calls, B, G]
-        conf = torch.stack([s[2] for s in steps_log]).cpu().numpy()
+        dense = {"pred": torch.stack([s[1] for s in steps_log]).cpu().numpy()}  # [calls, B, G]
+        for name in steps_log[0][2]:  # conf, entropy, margin: [calls, B, G] float16
+            dense[name] = torch.stack([s[2][name] for s in steps_log]).cpu().numpy()
     name = source_name(rc.source)
     records = []
     for b, item in enumerate(batch):
@@ -223,7 +224,7 @@ def record_batch(adapter, decode, batch: list[Item], rc, checker, cfg=None) -> l
         if rc.features:
             calls = np.flatnonzero(rows[:, b] >= 0)
             assert len(calls) == steps and (rows[calls, b] == np.arange(steps)).all()
-            r["pred"], r["conf"] = pred[calls, b], conf[calls, b]
+            r.update({name: value[calls, b] for name, value in dense.items()})
         records.append(r)
     return records
 

@@ -11,8 +11,10 @@ One record per (prompt, teacher run):
 - ``prompt_ids`` int32[P], ``tokens`` int32[G] (the teacher's final canvas), ``order`` int32[G] (the step at which
   each position was committed; several positions may share a step), ``steps`` (the row's steps, its NFE),
 - ``meta``: source, id, task, prompt, reference answer, decoded output, correct (None when unchecked),
-- with dense features: ``pred`` int32[steps, G] (argmax at each step) and ``conf`` float16[steps, G] (its
-  probability), both taken *before* that step's commits, i.e. on the state :func:`state_at` gives.
+- with dense features: ``pred`` int32[steps, G] (argmax at each step), ``conf`` float16[steps, G] (its
+  probability), ``entropy`` and ``margin`` float16[steps, G] (nats; top-1 minus top-2 probability), all taken
+  *before* that step's commits, i.e. on the state :func:`state_at` gives. Folders recorded before ``entropy`` and
+  ``margin`` existed read as before; only a consumer that needs them refuses them.
 
 :func:`state_at` is the only code that reconstructs a state: ``x_s = where(order < s, tokens, MASK)``.
 """
@@ -58,8 +60,13 @@ def state_at(tokens, order, s, mask_id: int):
     return np.where(order < np.asarray(s), tokens, np.asarray(mask_id, dtype=tokens.dtype))
 
 
-def features(dense: bool):
-    """The ``datasets.Features`` of a record (with ``pred``/``conf`` when ``dense``)."""
+# Dense per-step features: name -> stored dtype. Each is [steps, G].
+DENSE_FEATURES = {"pred": "int32", "conf": "float16", "entropy": "float16", "margin": "float16"}
+
+
+def features(dense: bool | list[str]):
+    """The ``datasets.Features`` of a record: with every :data:`DENSE_FEATURES` when ``dense`` is True, or with
+    the ones it names."""
     from datasets import Features, Sequence, Value
 
     cols = {
@@ -70,8 +77,8 @@ def features(dense: bool):
         "meta": {name: Value("bool") if name == "correct" else Value("string") for name in META_FIELDS},
     }
     if dense:
-        cols["pred"] = Sequence(Sequence(Value("int32")))
-        cols["conf"] = Sequence(Sequence(Value("float16")))
+        names = DENSE_FEATURES if dense is True else dense
+        cols.update({name: Sequence(Sequence(Value(DENSE_FEATURES[name]))) for name in names})
     return Features(cols)
 
 
@@ -81,7 +88,7 @@ def validate_record(r: dict, where: str = "record") -> None:
     steps = int(r["steps"])
     require(tokens.ndim == 1 and tokens.shape == order.shape, f"{where}: tokens and order differ in shape")
     require(order.size == 0 or (order.min() >= 0 and order.max() < steps), f"{where}: order outside [0, steps)")
-    for name in ("pred", "conf"):
+    for name in DENSE_FEATURES:
         if r.get(name) is not None:
             arr = np.asarray(r[name])
             require(arr.shape == (steps, tokens.size), f"{where}: {name} is {arr.shape}, not {(steps, tokens.size)}")
@@ -119,7 +126,8 @@ def write_shard(out: Path, index: int, records: list[dict], dense: bool, info: d
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    feats = features(dense)
+    # the dense features the records carry (a folder recorded before entropy/margin existed is rewritten as it was)
+    feats = features([k for k in DENSE_FEATURES if records and records[0].get(k) is not None] if dense else False)
     columns = {name: [r[name] for r in records] for name in feats}
     target = out / shard_name(index)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{target.name}.", suffix=".tmp"))

@@ -2,11 +2,13 @@
 current prediction is already final, so many tokens can be committed per forward; plus the "extremely greedy
 parallel" oracle replay that shows the ceiling such a filter can reach.
 
-Training data are trajectories recorded with ``record.features=true`` (dense ``pred``/``conf`` per step). For a
-record and a step ``s``, the active block is the block of the positions committed at ``s``; its example is
+Training data are trajectories recorded with ``record.features=true`` (dense ``pred``, ``conf``, ``entropy``,
+``margin`` per step). For a record and a step ``s``, the active block is the block of the positions committed at
+``s``; its example is
 
-- features: the block's ``W`` max-probability confidences ``conf[s, block]`` (positions already committed before
-  ``s`` set to 1.0), optionally also the mask bit, the position in the block and the step inside the block,
+- features: per position of the block, the selected statistics at step ``s`` (``conf``: max probability, Learn2PD's
+  only input; ``entropy``; ``margin``: top-1 minus top-2 probability; positions already committed before ``s`` read
+  as certain: 1.0, 0.0, 1.0), optionally also the mask bit, the position in the block and the step inside the block,
 - label: ``pred[s, i] == tokens[i]`` (the argmax already equals the teacher's final token), supervised on masked
   positions only.
 
@@ -30,11 +32,13 @@ from torch.utils.data import IterableDataset
 
 from dparallel.adapters import ModelAdapter, SpecialIds, read_manifest
 from dparallel.components import HeadOnlyAdapter, base_vocab_size, load_weights, save_component
-from dparallel.engine.rules import Proposal, Rule, best_masked
+from dparallel.engine.rules import Proposal, Rule, best_masked, token_statistics
 from dparallel.errors import DParallelError, require
 from dparallel.training import DParallelModule
 
-FEATURES = ("conf", "mask", "position", "step")
+STATISTICS = ("conf", "entropy", "margin")  # recorded per step (engine.rules.token_statistics)
+FEATURES = (*STATISTICS, "mask", "position", "step")
+CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
 COMPONENT = "filter"
 
 
@@ -43,7 +47,7 @@ class FilterConfig:
     trajectories: str = "runs/record-features/trajectories"  # recorded with record.features=true
     block_length: int = 32  # W: the decoding block the filter sees (must divide the records' canvas)
     hidden: int = 64  # width of the MLP's hidden layer
-    features: list[str] = field(default_factory=lambda: ["conf"])  # per position: conf | mask | position | step
+    features: list[str] = field(default_factory=lambda: ["conf"])  # conf|entropy|margin|mask|position|step
     threshold: float = 0.96  # commit a masked position when sigmoid(logit) > threshold (saved as the default)
     class_balance: bool = False  # BCE pos_weight = negatives / positives of the training examples
     pos_weight: float = 1.0  # BCE pos_weight when class_balance is false
@@ -75,33 +79,33 @@ class FilterHead(nn.Module):
 
 
 def block_features(
-    conf: torch.Tensor, masked: torch.Tensor, step: torch.Tensor | int, features: Sequence[str]
+    stats: dict[str, torch.Tensor], masked: torch.Tensor, step: torch.Tensor | int, features: Sequence[str]
 ) -> torch.Tensor:
-    """The head's input [N, W * F] from the block's max-probability confidences ``conf`` [N, W], its mask state
-    ``masked`` [N, W] and the step inside the block ``step`` ([N] or an int). Committed positions get confidence
-    1.0. Shared by training and decoding, so both see exactly the same features."""
-    n, w = conf.shape
-    conf = torch.where(masked, conf.float(), torch.ones((), device=conf.device))
+    """The head's input [N, W * F] from the block's per-position statistics ``stats`` (``conf``/``entropy``/
+    ``margin``, each [N, W]; only the ones ``features`` names are read), its mask state ``masked`` [N, W] and the
+    step inside the block ``step`` ([N] or an int). Committed positions read as certain (:data:`CERTAIN`). Shared
+    by training and decoding, so both see exactly the same features."""
+    n, w = masked.shape
     parts = []
     for name in features:
-        if name == "conf":
-            parts.append(conf)
+        if name in STATISTICS:
+            require(name in stats, f"filter feature {name!r} was not recorded: record again with record.features=true")
+            parts.append(torch.where(masked, stats[name].float(), torch.tensor(CERTAIN[name], device=masked.device)))
         elif name == "mask":
             parts.append(masked.float())
         elif name == "position":
-            parts.append((torch.arange(w, device=conf.device, dtype=torch.float32) / w).expand(n, w))
+            parts.append((torch.arange(w, device=masked.device, dtype=torch.float32) / w).expand(n, w))
         elif name == "step":
-            s = torch.as_tensor(step, device=conf.device, dtype=torch.float32).reshape(-1, 1)
+            s = torch.as_tensor(step, device=masked.device, dtype=torch.float32).reshape(-1, 1)
             parts.append((s / w).expand(n, w))
         else:
             raise DParallelError(f"unknown filter feature {name!r}: choose from {', '.join(FEATURES)}")
     return torch.cat(parts, dim=1)
 
 
-def max_probability(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] -> [...] the softmax probability of the argmax (what ``record.features`` stores as ``conf``)."""
-    logits = logits.float()
-    return (logits.max(dim=-1).values - logits.logsumexp(dim=-1)).exp()
+def statistics_of(features: Sequence[str]) -> list[str]:
+    """The recorded statistics a feature list reads."""
+    return [f for f in features if f in STATISTICS]
 
 
 # ---- decoding rules -----------------------------------------------------------------------------------------
@@ -127,7 +131,7 @@ class FilterRule(Rule):
 
     def select(self, p: Proposal) -> torch.Tensor:
         param = next(self.head.parameters())
-        x = block_features(max_probability(p.logits), p.masked, p.step, self.head.features)
+        x = block_features(token_statistics(p.logits), p.masked, p.step, self.head.features)
         prob = torch.sigmoid(self.head(x.to(param.device, param.dtype)).float())
         self.head_calls += 1
         return ((prob > self.threshold) & p.masked) | best_masked(p.confidence, p.masked)
@@ -167,32 +171,32 @@ def oracle_decode(adapter: ModelAdapter, prompts: list[list[int]], reference, co
 
 @dataclass
 class FilterExamples:
-    """Per-(record, step) examples of the active block: conf [N, W] float, masked/label [N, W] bool, step [N]."""
+    """Per-(record, step) examples of the active block: ``stats`` name -> [N, W] float (the recorded statistics the
+    head reads), masked/label [N, W] bool, step [N]."""
 
-    conf: torch.Tensor
+    stats: dict[str, torch.Tensor]
     masked: torch.Tensor
     label: torch.Tensor
     step: torch.Tensor
 
     def __len__(self) -> int:
-        return self.conf.shape[0]
+        return self.masked.shape[0]
 
     def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {
-            "conf": self.conf[index],
-            "masked": self.masked[index],
-            "label": self.label[index],
-            "step": self.step[index],
-        }
+        # masked first: Lightning reads the batch size off the first tensor
+        fixed = {"masked": self.masked[index], "label": self.label[index], "step": self.step[index]}
+        return {**fixed, **{k: v[index] for k, v in self.stats.items()}}
 
 
-def record_examples(record: dict, block_length: int) -> dict[str, np.ndarray]:
-    """The examples of one trajectory record (see the module docstring). Arrays: conf [S, W] float32, masked and
-    label [S, W] bool, step [S] int (the step inside the block)."""
-    require(record.get("pred") is not None and record.get("conf") is not None,
-            "trajectories have no dense features: record them with record.features=true")  # fmt: skip
-    tokens, order = np.asarray(record["tokens"]), np.asarray(record["order"])
-    pred, conf = np.asarray(record["pred"]), np.asarray(record["conf"], dtype=np.float32)
+def record_examples(record: dict, block_length: int, stats: Sequence[str] = ("conf",)) -> dict[str, np.ndarray]:
+    """The examples of one trajectory record (see the module docstring). Arrays: each of ``stats`` [S, W] float32,
+    masked and label [S, W] bool, step [S] int (the step inside the block)."""
+    require(
+        record.get("pred") is not None, "trajectories have no dense features: record them with record.features=true"
+    )
+    missing = [k for k in stats if record.get(k) is None]
+    require(not missing, f"trajectories have no {missing} features: record again with record.features=true")
+    tokens, order, pred = np.asarray(record["tokens"]), np.asarray(record["order"]), np.asarray(record["pred"])
     steps, g, w = int(record["steps"]), tokens.size, block_length
     require(g % w == 0, f"filter.block_length={w} does not divide the records' canvas of {g}")
     pos = np.arange(g)
@@ -206,19 +210,19 @@ def record_examples(record: dict, block_length: int) -> dict[str, np.ndarray]:
     block_order = order[cols]
     block_start_step = block_order.min(axis=1)  # the row's first step in this block
     return {
-        "conf": conf[s, cols],
+        **{k: np.asarray(record[k], dtype=np.float32)[s, cols] for k in stats},
         "masked": block_order >= s,  # state_at(tokens, order, s) == MASK, without materialising the canvas
         "label": pred[s, cols] == tokens[cols],
         "step": np.arange(steps) - block_start_step,
     }
 
 
-def build_examples(records: Sequence[dict], block_length: int) -> FilterExamples:
-    parts = [record_examples(r, block_length) for r in records]
+def build_examples(records: Sequence[dict], block_length: int, stats: Sequence[str] = ("conf",)) -> FilterExamples:
+    parts = [record_examples(r, block_length, stats) for r in records]
     require(len(parts) > 0, "no trajectory records to build filter examples from")
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return FilterExamples(
-        conf=torch.from_numpy(cat["conf"]).float(),
+        stats={k: torch.from_numpy(cat[k]).float() for k in stats},
         masked=torch.from_numpy(cat["masked"]),
         label=torch.from_numpy(cat["label"]),
         step=torch.from_numpy(cat["step"]).long(),
@@ -239,7 +243,7 @@ def load_feature_records(path: str, only_correct: bool, max_records: int | None)
     for r in read_trajectories(path):
         if only_correct and (r.get("meta") or {}).get("correct") is False:
             continue
-        records.append({k: r[k] for k in ("tokens", "order", "steps", "pred", "conf")})
+        records.append({k: r.get(k) for k in ("tokens", "order", "steps", "pred", *STATISTICS)})
         if max_records is not None and len(records) >= max_records:
             break
     require(len(records) > 0, f"no usable trajectories in {path} (all filtered out or none recorded)")
@@ -288,7 +292,7 @@ def filter_loss(
     head: FilterHead, batch: dict[str, torch.Tensor], pos_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BCE over the masked positions of the batch (mean); returns (loss, logits [N, W])."""
-    x = block_features(batch["conf"], batch["masked"], batch["step"], head.features)
+    x = block_features(batch, batch["masked"], batch["step"], head.features)
     logits = head(x)
     m = batch["masked"]
     weight = torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
@@ -302,7 +306,8 @@ def filter_metrics(head: FilterHead, examples: FilterExamples, threshold: float)
     if len(examples) == 0:
         return {}
     param = next(head.parameters())
-    x = block_features(examples.conf, examples.masked, examples.step, head.features).to(param.device, param.dtype)
+    x = block_features(examples.stats, examples.masked, examples.step, head.features)
+    x = x.to(param.device, param.dtype)
     prob = torch.sigmoid(head(x).float()).cpu()
     m = examples.masked
     y, yhat = examples.label[m], prob[m] > threshold
@@ -352,8 +357,9 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     records, manifest = load_feature_records(f.trajectories, f.only_correct_records, f.max_records)
     train_records, val_records = split_records(records, f.val_fraction, cfg.train.seed)
     require(len(train_records) > 0, "filter.val_fraction leaves no trajectories to train on")
-    train_ex = build_examples(train_records, f.block_length)
-    val_ex = build_examples(val_records, f.block_length) if val_records else None
+    stats = statistics_of(head.features)
+    train_ex = build_examples(train_records, f.block_length, stats)
+    val_ex = build_examples(val_records, f.block_length, stats) if val_records else None
     teacher = manifest.get("teacher") or {}
     family = cfg.model.family or teacher.get("family")
     require(family is not None, f"cannot tell the model family of {f.trajectories}: set model.family")

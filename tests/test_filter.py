@@ -97,7 +97,10 @@ def test_labels_and_features_from_a_hand_made_record():
     assert ex["step"].tolist() == [0, 1, 2, 0, 1]  # the step inside the block
     np.testing.assert_array_equal(ex["conf"][4], r["conf"][4, 4:8].astype(np.float32))
     feats = block_features(
-        torch.tensor(ex["conf"]), torch.tensor(ex["masked"]), torch.tensor(ex["step"]), ["conf", "mask", "step"]
+        {"conf": torch.tensor(ex["conf"])},
+        torch.tensor(ex["masked"]),
+        torch.tensor(ex["step"]),
+        ["conf", "mask", "step"],
     )
     assert feats.shape == (5, 12)
     assert feats[4, :4].tolist()[0] == 1.0 and feats[4, 2] == 1.0  # committed positions: confidence 1.0
@@ -282,3 +285,22 @@ def test_recipes_follow_the_paper():
     tiny = load_recipe("recipes/tiny/filter.yaml")
     assert (tiny.decode.gen_length, tiny.decode.block_length, tiny.filter.hidden) == (128, 32, 64)
     assert "record.features=true" in Path("recipes/tiny/filter.yaml").read_text().split("\nname:")[0]
+
+
+def test_token_statistics_and_entropy_margin_features():
+    from dparallel.engine.rules import token_statistics
+
+    logits = torch.tensor([[[0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]]).log()  # [1, 2, 3]; the second has two -inf logits
+    stats = token_statistics(logits)
+    assert stats["conf"].tolist()[0] == pytest.approx([0.5, 1.0])
+    assert stats["margin"].tolist()[0] == pytest.approx([0.2, 1.0])
+    assert stats["entropy"].tolist()[0] == pytest.approx([1.0296530, 0.0], abs=1e-6)
+    # committed positions read as certain: conf 1, entropy 0, margin 1, whatever the statistics say there
+    masked = torch.tensor([[True, False]])
+    x = block_features(stats, masked, 0, ["entropy", "margin", "conf"])
+    assert x.tolist()[0] == pytest.approx([1.0296530, 0.0, 0.2, 1.0, 0.5, 1.0], abs=1e-6)
+    with pytest.raises(DParallelError, match="filter feature 'entropy' was not recorded"):
+        block_features({"conf": stats["conf"]}, masked, 0, ["entropy"])
+    r = hand_record()  # recorded before entropy existed: a head that reads it is refused with the fix
+    with pytest.raises(DParallelError, match=r"no \['entropy'\] features: record again with record.features=true"):
+        record_examples(r, 4, ["conf", "entropy"])

@@ -158,8 +158,14 @@ def test_batched_features_shapes(model, tmp_path):
     for r, a in zip(ds.with_format("numpy"), T.load_trajectories(alone).with_format("numpy")):
         steps = int(r["steps"])
         pred, conf = np.stack(r["pred"]), np.stack(r["conf"])
-        assert pred.shape == conf.shape == (steps, 16)
+        entropy, margin = np.stack(r["entropy"]).astype(np.float32), np.stack(r["margin"]).astype(np.float32)
+        assert pred.shape == conf.shape == entropy.shape == margin.shape == (steps, 16)
         assert ((conf >= 0) & (conf <= 1)).all()
+        # p1 - p2 <= p1 and 0 <= H <= log V
+        covered = conf > 0
+        assert (margin <= conf.astype(np.float32) + 1e-3).all() and (entropy[covered] >= -1e-3).all()
+        assert (entropy <= np.log(100) + 1e-2).all()
+        assert np.allclose(entropy, np.stack(a["entropy"]).astype(np.float32), atol=2e-2)  # batched == alone
         for s in range(steps):  # pred at step s is the argmax on x_s: what topk commits at that step
             now = r["order"] == s
             assert now.any() and (pred[s][now] == r["tokens"][now]).all()

@@ -72,6 +72,24 @@ class StepContext:
     generator: torch.Generator | None = None
 
 
+def token_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position statistics of softmax(logits) at temperature 1, each [...] for logits [..., V]:
+
+    - ``conf``: max probability p1 (the argmax's probability),
+    - ``entropy``: -sum p log p in nats (``xlogy``: 0 log 0 = 0, so -inf logits are safe),
+    - ``margin``: p1 - p2, the gap between the two most likely tokens.
+
+    What recording stores as dense features and what the Learn2PD filter reads at decoding time: one function, so
+    both see the same numbers."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top2 = probs.topk(2, dim=-1).values
+    return {
+        "conf": top2[..., 0],
+        "entropy": -torch.special.xlogy(probs, probs).sum(-1),
+        "margin": top2[..., 0] - top2[..., 1],
+    }
+
+
 def rank_in_row(score: torch.Tensor) -> torch.Tensor:
     """[B, W] -> [B, W] rank of each entry when its row is sorted by descending score (0 = best)."""
     order = score.argsort(dim=1, descending=True, stable=True)
@@ -158,8 +176,7 @@ class Entropy(Rule):
         self.threshold = threshold
 
     def select(self, p: Proposal) -> torch.Tensor:
-        probs = torch.softmax(p.logits.float(), dim=-1)
-        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [B, W]; xlogy: 0 log 0 = 0 for -inf logits
+        entropy = token_statistics(p.logits)["entropy"]  # [B, W] nats
         return ((entropy < self.threshold) & p.masked) | best_masked(-entropy, p.masked)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from dparallel.adapters import ModelAdapter
 from dparallel.engine.cache import CACHE_MODES, ContextCache
-from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule
+from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule, token_statistics
 from dparallel.errors import require
 
 EOT_STOP = ("none", "accepted", "any")
@@ -123,7 +123,7 @@ def add_gumbel_noise(logits: torch.Tensor, temperature: float, generator: torch.
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]
 
 
 def _emit_step(
@@ -135,16 +135,18 @@ def _emit_step(
     nfe: torch.Tensor,
     active: torch.Tensor,
 ) -> None:
-    """Argmax and its probability over the answer canvas (where the forward covered it) for ``Sampler.run``."""
+    """Argmax and :func:`token_statistics` over the answer canvas (where the forward covered it) for
+    ``Sampler.run``; positions the forward did not cover keep their token and get statistics 0."""
     width = canvas.prompt_width
     tokens = canvas.x[:, width:].clone()
-    conf = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     lo, hi = max(first, width), first + logits.shape[1]
-    part = logits[:, lo - first : hi - first].float()
-    best, idx = part.max(dim=-1)
-    tokens[:, lo - width : hi - width] = idx
-    conf[:, lo - width : hi - width] = (best - part.logsumexp(dim=-1)).exp()
-    on_step(call, nfe.masked_fill(~active, -1), tokens, conf)
+    part = logits[:, lo - first : hi - first]
+    tokens[:, lo - width : hi - width] = part.argmax(dim=-1)
+    stats = {}
+    for name, value in token_statistics(part).items():
+        stats[name] = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+        stats[name][:, lo - width : hi - width] = value
+    on_step(call, nfe.masked_fill(~active, -1), tokens, stats)
 
 
 class Sampler:
@@ -238,11 +240,12 @@ class Sampler:
     ) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
         """Decode a batch. Returns the canvas tokens [B, G], the commit order [B, G] and per-row stats.
 
-        ``on_step(step_total, row_steps, tokens, confidence)``, when given, is called once per model call before
+        ``on_step(step_total, row_steps, tokens, stats)``, when given, is called once per model call before
         that step's commits: ``row_steps`` [B] is the step index each row's ``order`` will record for this step
         (-1 for a row with nothing left to commit in the active block), ``tokens`` [B, G] the argmax over the
-        canvas and ``confidence`` [B, G] its softmax probability (positions the forward did not cover, outside
-        the active block under a cache, hold the current canvas token and confidence 0). Unused, it costs nothing.
+        canvas and ``stats`` the :func:`~dparallel.engine.rules.token_statistics` of every position, each [B, G]
+        (``conf``, ``entropy``, ``margin``; positions the forward did not cover, outside the active block under a
+        cache, hold the current canvas token and statistics 0). Unused, it costs nothing.
         """
         cfg, mask_id = self.config, self.adapter.ids.mask
         device = self.adapter.device
