@@ -13,6 +13,8 @@ from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError, require
 from dparallel.generator import Generator, load
 
+SPEC_ONLY = ("name", "reference")  # eval decoder keys that are not decoding options
+
 
 def _run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
@@ -81,7 +83,7 @@ def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Ge
     from dparallel.evaluate import evaluate, write_report
 
     for spec in cfg.eval.decoders:  # fail before loading any weights
-        DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k != "name"}).validate()
+        DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k not in SPEC_ONLY}).validate()
     generator = generator or load(
         model_path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
     )

@@ -92,6 +92,7 @@ class DecoderSpec(DecodeConfig):
     """One named decoder in an eval: a DecodeConfig plus a display name."""
 
     name: str = "sequential"
+    reference: str | None = None  # rule=oracle: the decoder (earlier in this list) whose outputs it replays
 
 
 @dataclass

@@ -38,13 +38,15 @@ def evaluate(generator: Generator, eval_cfg: DictConfig, progress: bool = True) 
     examples = make_split(list(suite.tasks), suite.split, suite.n_per_task, suite.seed)
     prompts = [e.prompt for e in examples]
     ids = generator.adapter.encode(prompts)
-    rows = []
+    rows, outputs = [], {}
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
-        name = spec.pop("name")
+        name, reference = spec.pop("name"), spec.pop("reference", None)
         start = time.perf_counter()
-        gens = generator.generate_ids(prompts, ids, batch_size=eval_cfg.batch_size, **spec)
+        replay = _oracle(outputs, reference) if spec.get("rule") == "oracle" else None
+        gens = generator.generate_ids(prompts, ids, batch_size=eval_cfg.batch_size, rule_for_batch=replay, **spec)
         wall = time.perf_counter() - start
+        outputs[name] = gens
         per_task = []
         for task in suite.tasks:
             picked = [(g, e) for g, e in zip(gens, examples) if e.task == task]
@@ -65,6 +67,20 @@ def evaluate(generator: Generator, eval_cfg: DictConfig, progress: bool = True) 
                 flush=True,
             )
     return rows
+
+
+def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
+    """Learn2PD's oracle replay of an earlier decoder's outputs in this eval: its NFE is the ceiling a filter
+    trained on that decoder's trajectories can reach."""
+    from dparallel.errors import require
+    from dparallel.filters.learn2pd import OracleRule
+
+    require(
+        reference in outputs,
+        f"the oracle decoder replays an earlier decoder: set reference to one of {sorted(outputs) or '(none yet)'}",
+    )
+    tokens = torch.tensor([g.tokens for g in outputs[reference]])  # [N, G]
+    return lambda start, end: OracleRule(tokens[start:end])
 
 
 def device_name() -> str:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from dparallel.adapters import ModelAdapter, load_adapter, read_manifest, resolve_path
+from dparallel.engine.rules import Rule
 from dparallel.engine.sampler import DecodeConfig, DecodeStats, Sampler
 from dparallel.errors import require
 
@@ -49,14 +51,25 @@ class Generator:
         return self.generate_ids(prompts, ids, batch_size=batch_size, **decode)
 
     def generate_ids(
-        self, prompts: list[str], ids: list[list[int]], *, batch_size: int = 32, **decode
+        self,
+        prompts: list[str],
+        ids: list[list[int]],
+        *,
+        batch_size: int = 32,
+        rule_for_batch: Callable[[int, int], Rule] | None = None,
+        **decode,
     ) -> list[Generation]:
-        """Like :meth:`generate` for already-tokenised prompts."""
+        """Like :meth:`generate` for already-tokenised prompts. ``rule_for_batch(start, end)``, when given, builds
+        the rule for prompts ``[start, end)`` (a rule that depends on the prompts, such as the oracle's replay)."""
         config = self.decode_config(**decode)
         make = self.rules.get(config.rule)
-        sampler = Sampler(self.adapter, config, rule=make(config, decode) if make else None)
+        if rule_for_batch is None:
+            sampler = Sampler(self.adapter, config, rule=make(config, decode) if make else None)
         out = []
         for start in range(0, len(ids), batch_size):
+            if rule_for_batch is not None:
+                rule = rule_for_batch(start, min(start + batch_size, len(ids)))
+                sampler = Sampler(self.adapter, config, rule=rule)
             tokens, order, stats = sampler.run(ids[start : start + batch_size])
             for j, (row, row_order, st) in enumerate(zip(tokens.tolist(), order.tolist(), stats)):
                 text = self.adapter.decode(row)

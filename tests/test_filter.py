@@ -304,3 +304,23 @@ def test_token_statistics_and_entropy_margin_features():
     r = hand_record()  # recorded before entropy existed: a head that reads it is refused with the fix
     with pytest.raises(DParallelError, match=r"no \['entropy'\] features: record again with record.features=true"):
         record_examples(r, 4, ["conf", "entropy"])
+
+
+def test_eval_oracle_decoder_replays_an_earlier_decoder(teacher):
+    from dparallel.evaluate import evaluate
+
+    decoders = [
+        {"name": "sequential", "rule": "topk", "gen_length": 32, "block_length": 8},
+        {"name": "oracle", "rule": "oracle", "reference": "sequential", "gen_length": 32, "block_length": 8},
+    ]
+    cfg = OmegaConf.create(
+        {"suite": {"tasks": ["copy", "sort"], "split": "test", "n_per_task": 2, "seed": 0}, "batch_size": 3}
+    )
+    cfg.decoders = decoders
+    rows = {(r["decoder"], r["task"]): r for r in evaluate(teacher, cfg, progress=False)}
+    seq, oracle = rows[("sequential", "macro")], rows[("oracle", "macro")]
+    assert oracle["accuracy"] == seq["accuracy"]  # the same outputs (batch 3 over 4 prompts: per-batch references)
+    assert seq["nfe"] == 32 and oracle["nfe"] < 16
+    cfg.decoders = [decoders[1]]
+    with pytest.raises(DParallelError, match="set reference to one of"):
+        evaluate(teacher, cfg, progress=False)
