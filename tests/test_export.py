@@ -1,6 +1,7 @@
 """Export: train tiny -> export -> load in a fresh process -> the same tokens; refusals are one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import fresh_process_tokens
@@ -69,3 +70,50 @@ def test_unreachable_hub_id_is_one_line(monkeypatch, capsys):
         main(["generate", "no-such-org/no-such-model", "--prompt", "hi"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and "cannot get 'no-such-org/no-such-model'" in err[0]
+
+
+class _FakeHub:
+    """Stands in for huggingface_hub.HfApi at the network boundary: records what would be sent."""
+
+    calls: list = []
+    fail: str | None = None
+
+    def create_repo(self, repo_id, private=False, exist_ok=False):
+        type(self).calls.append(("create_repo", repo_id, private, exist_ok))
+        if type(self).fail:
+            raise OSError(f"{type(self).fail}\nsecond line of a long traceback")
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        names = sorted(p.name for p in Path(folder_path).iterdir())
+        type(self).calls.append(("upload_folder", repo_id, names, commit_message))
+
+
+def test_push_to_hub_uploads_the_exported_folder(run_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    monkeypatch.setattr(_FakeHub, "calls", [])
+    monkeypatch.setattr(_FakeHub, "fail", None)
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(run_dir), "--to", str(tmp_path / "out"), "--push-to-hub", "me/tiny", "--private"])
+    assert exc.value.code == 0
+    assert _FakeHub.calls[0] == ("create_repo", "me/tiny", True, True)
+    op, repo, names, message = _FakeHub.calls[1]
+    assert (op, repo, message) == ("upload_folder", "me/tiny", "dparallel export")
+    assert {"README.md", "dparallel.json", "config.json", "model.safetensors"} <= set(names)
+    assert "pushed to https://huggingface.co/me/tiny" in capsys.readouterr().out
+
+
+def test_failed_push_is_one_line_and_keeps_the_export(run_dir, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", _FakeHub)
+    monkeypatch.setattr(_FakeHub, "calls", [])
+    monkeypatch.setattr(_FakeHub, "fail", "401 Unauthorized: invalid token")
+    with pytest.raises(SystemExit) as exc:
+        main(["export", str(run_dir), "--to", str(tmp_path / "out"), "--push-to-hub", "me/tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert "cannot push to me/tiny: 401 Unauthorized: invalid token" in err[0] and str(tmp_path / "out") in err[0]
+    assert (tmp_path / "out" / "dparallel.json").is_file()
