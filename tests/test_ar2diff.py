@@ -5,7 +5,6 @@ import itertools
 
 import pytest
 import torch
-
 from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks, training_mask
 
 
@@ -62,3 +61,65 @@ def test_decode_mask_equals_brute_force(context_causal):
             ok = k <= q
         want[b, 0, q - q_start, k] = (bool(ok) and bool(valid[b, k])) or q == k
     assert torch.equal(got, want)
+
+
+# ---- the block family and its exact cache ---------------------------------------------------------------------
+def block_adapter(block_size=4, context_causal=False, token_shift=True, seed=0):
+    from conftest import tiny_shape
+    from dparallel.ar2diff.family import BlockAdapter
+    from omegaconf import OmegaConf
+
+    from dparallel.tiny import new_tiny_adapter
+
+    tiny = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=seed)
+    tiny.model.config.dparallel_block = {
+        "block_size": block_size,
+        "context_causal": context_causal,
+        "token_shift": token_shift,
+    }
+    return BlockAdapter(tiny.model.eval(), tiny.tokenizer, tiny.ids, name="random-block")
+
+
+PROMPTS = ["copy: abc\n", "sort: zyxw\n"]
+
+
+@pytest.mark.parametrize(
+    "block_size,block_length,context_causal,token_shift",
+    [(4, 4, False, True), (8, 4, False, True), (4, 4, True, True), (4, 2, True, False)],
+)
+def test_cached_block_decoding_gives_the_uncached_tokens(
+    one_thread, block_size, block_length, context_causal, token_shift
+):
+    from dparallel.generator import Generator
+
+    gen = Generator(block_adapter(block_size, context_causal, token_shift))
+    decode = dict(rule="confidence", threshold=0.3, gen_length=16, block_length=block_length)
+    plain = gen.generate(PROMPTS, **decode)
+    cached = gen.generate(PROMPTS, cache="block", **decode)
+    assert [g.tokens for g in cached] == [g.tokens for g in plain]
+    assert [g.stats.nfe for g in cached] == [g.stats.nfe for g in plain]
+    assert all(g.stats.nfe > 16 // block_length for g in plain)  # several steps per block: the cache is used
+
+
+@pytest.mark.parametrize("context_causal,token_shift", [(False, True), (True, True), (False, False)])
+def test_cached_logits_equal_full_forward_logits(one_thread, context_causal, token_shift):
+    from dparallel.ar2diff.cache import BlockCache
+
+    from dparallel.engine.sampler import build_canvas
+
+    adapter = block_adapter(4, context_causal, token_shift)
+    ids = adapter.encode(PROMPTS)
+    canvas = build_canvas(ids, 12, adapter.ids.mask, adapter.ids.pad, "cpu")
+    x, attn, P = canvas.x, canvas.attention_mask, canvas.prompt_width
+    g = torch.Generator().manual_seed(0)
+    cache = BlockCache(adapter)
+    with torch.no_grad():
+        for b in range(3):  # per block: a step with the block all masked, one half-filled, then fill it
+            lo, hi = P + 4 * b, P + 4 * b + 4
+            for fill in (0, 2, 4):
+                if fill < 4:
+                    got = cache.step(x, attn, lo, hi)
+                    want = adapter.logits(x, attn)[:, lo:hi]
+                    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+                x[:, lo + fill - 2 * (fill > 0) : lo + fill] = torch.randint(10, 40, (2, 2 * (fill > 0)), generator=g)
+    assert cache.cached == P + 8  # blocks 0 and 1 are finished and cached; block 2 was the last active one
