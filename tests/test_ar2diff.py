@@ -123,3 +123,123 @@ def test_cached_logits_equal_full_forward_logits(one_thread, context_causal, tok
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
                 x[:, lo + fill - 2 * (fill > 0) : lo + fill] = torch.randint(10, 40, (2, 2 * (fill > 0)), generator=g)
     assert cache.cached == P + 8  # blocks 0 and 1 are finished and cached; block 2 was the last active one
+
+
+# ---- the training module --------------------------------------------------------------------------------------
+def module_and_batch(*overrides, block_size=4):
+    from conftest import tiny_shape
+    from dparallel.ar2diff.family import ARAdapter
+    from dparallel.ar2diff.method import convert
+    from dparallel.ar2diff.module import BlockDiffusionModule
+    from dparallel.data.sft import SuiteBatches
+    from omegaconf import OmegaConf
+
+    from dparallel.config import load_recipe
+    from dparallel.tiny import new_tiny_adapter
+
+    cfg = load_recipe(
+        None, ["method=ar2diff", f"ar2diff.block_size={block_size}", "ar2diff.gen_lengths=[16]", *overrides]
+    )
+    tiny = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=0)
+    parent = ARAdapter(tiny.model, tiny.tokenizer, ARAdapter.default_ids(tiny.tokenizer))
+    adapter = convert(parent, block_size, cfg.ar2diff.context_causal, cfg.ar2diff.token_shift)
+    batch = SuiteBatches(adapter.tokenizer, ["copy", "sort"], 3, [16], adapter.ids.eos, adapter.ids.pad).batch(0)
+    return BlockDiffusionModule(cfg, adapter), batch
+
+
+SWITCHES = {
+    "fast-dllm-v2": ([], 4.543132),
+    "single-copy": (["ar2diff.complementary=false"], 4.557449),
+    "sdar": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample", "ar2diff.token_shift=false"], 4.709060),
+    "bd3lm": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample"], 4.761793),
+    "nbdiff": (["ar2diff.context_causal=true", "ar2diff.ar_loss_weight=0.5"], 6.836644),
+    "efficient-dlm": (["ar2diff.token_shift=false", "ar2diff.position_slope=1.0"], 4.544207),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_loss_is_pinned_per_switch_set(one_thread, name):
+    overrides, want = SWITCHES[name]
+    module, batch = module_and_batch(*overrides)
+    loss, parts = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()  # gradients flow through the [x_t ⊕ x_0] forward
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(want, abs=1e-4)
+
+
+def test_block_size_one_with_token_shift_is_the_ar_loss(one_thread):
+    """Curriculum stage 1 (block 1, complementary pair): every answer token is predicted once from the clean
+    prefix, i.e. exactly the AR parent's next-token loss (the clean half's AR loss, computed separately)."""
+    module, batch = module_and_batch(
+        "ar2diff.curriculum=jump", "ar2diff.curriculum_steps=5", "ar2diff.context_causal=true"
+    )
+    loss, parts = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert parts["block_size"] == 1.0
+    module.recipe.ar_loss_weight = 1.0
+    _, with_ar = module.compute_loss(batch, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(float(with_ar["ar_loss"]), abs=1e-5)
+
+
+def test_complementary_copies_are_complements():
+    from dparallel.ar2diff.masks import block_ids
+    from dparallel.ar2diff.module import Ar2DiffConfig, mask_probabilities, noisy_copies
+
+    answer = torch.zeros(3, 12, dtype=torch.bool)
+    answer[:, 4:] = True
+    cfg = Ar2DiffConfig(block_size=4, gen_lengths=[8], position_slope=1.0)
+    p = mask_probabilities(cfg, answer, block_ids(12, 4), 4, torch.Generator().manual_seed(0))
+    (a, pa), (b, pb) = noisy_copies(torch.zeros(3, 12, dtype=torch.long), answer, p, torch.Generator().manual_seed(1))
+    assert torch.equal(a ^ b, answer) and not (a & b).any()
+    assert torch.all(p[:, :4] == 0) and torch.allclose((pa + pb)[answer], torch.ones(24), atol=1e-3)
+    # position-dependent masking: within a block the probability rises with the index (same t per block)
+    assert bool((p[:, 5] > p[:, 4]).all() and (p[:, 7] >= p[:, 6]).all())
+
+
+def test_curriculum_grows_the_block_from_one():
+    from dparallel.ar2diff.module import Ar2DiffConfig, curriculum_block
+
+    grow = Ar2DiffConfig(block_size=8, curriculum="grow", curriculum_steps=100)
+    assert [curriculum_block(grow, s) for s in (0, 24, 25, 50, 75, 99, 100)] == [1, 1, 2, 4, 8, 8, 8]
+    jump = Ar2DiffConfig(block_size=8, curriculum="jump", curriculum_steps=10)
+    assert [curriculum_block(jump, s) for s in (0, 9, 10)] == [1, 1, 8]
+
+
+@pytest.mark.parametrize("context_causal,token_shift", [(False, True), (True, False)])
+def test_training_logits_of_a_block_equal_its_decoding_logits(one_thread, context_causal, token_shift):
+    """What training supervises is what decoding sees: the x_t logits of block k in the [x_t ⊕ x_0] forward equal
+    the logits of the same block decoded with blocks < k clean (the exact block cache's state)."""
+    from dparallel.ar2diff.masks import block_ids, training_mask
+
+    from dparallel.adapters import position_ids_from_mask
+
+    module, batch = module_and_batch(
+        f"ar2diff.context_causal={str(context_causal).lower()}", f"ar2diff.token_shift={str(token_shift).lower()}"
+    )
+    adapter, mask_id = module.adapter, module.adapter.ids.mask
+    x, attn = batch["input_ids"], batch["attention_mask"]
+    L = x.shape[1]
+    blocks = block_ids(L, 4)
+    noisy = x.clone()
+    noisy[:, -16:][torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5] = mask_id
+    pos = position_ids_from_mask(attn)
+    with torch.no_grad():
+        adapter.model.eval()
+        out = adapter.model(
+            input_ids=torch.cat([noisy, x], 1),
+            attention_mask=training_mask(blocks, attn, None, context_causal),
+            position_ids=torch.cat([pos, pos], 1),
+        ).logits
+        for k in range(4):  # the answer's blocks
+            lo, hi = L - 16 + 4 * k, L - 16 + 4 * k + 4
+            canvas = torch.cat([x[:, :lo], noisy[:, lo:hi], torch.full_like(x[:, hi:], mask_id)], 1)
+            want = adapter.model(
+                input_ids=canvas, attention_mask=adapter_mask(adapter, canvas, attn), position_ids=pos
+            ).logits[:, lo:hi]
+            torch.testing.assert_close(out[:, lo:hi], want, atol=1e-5, rtol=0)
+
+
+def adapter_mask(adapter, x, attn):
+    from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks
+
+    blocks = block_ids(x.shape[1], adapter.block_size)
+    return decode_mask(blocks, attn, noisy_blocks(x, blocks, adapter.ids.mask), 0, adapter.context_causal)
