@@ -160,7 +160,7 @@ def build_ar2diff(cfg: DictConfig, micro: int, start_batch: int):
     s = cfg.ar2diff
     family = cfg.model.family or "ar"
     parent = load_adapter(cfg.model.path, family=family, dtype=_load_dtype(cfg), revision=cfg.model.revision)
-    adapter = convert(parent, s.block_size, s.context_causal, s.token_shift)
+    adapter = convert(parent, s.block_size, s.context_causal or s.ar_loss_weight > 0, s.token_shift)
     adapter.model.train()
     _finish(adapter, cfg)
     return BlockDiffusionModule(cfg, adapter), train_loader(cfg, s, adapter, micro, start_batch)

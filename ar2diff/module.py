@@ -15,8 +15,8 @@ masked with probability p_i (below); the loss is the cross-entropy of the masked
   (SDAR, Efficient-DLM) position p predicts itself.
 - ``complementary`` (Fast-dLLM v2): a second copy masks exactly the answer tokens the first left clean (with
   probability 1 - p_i), so every answer token is supervised once per pair.
-- ``context_causal`` + ``ar_loss_weight`` (NBDiff): the clean half attends token-causally and also carries the
-  AR next-token loss.
+- ``context_causal`` (NBDiff): the clean half attends token-causally; ``ar_loss_weight`` > 0 adds the AR
+  next-token loss on it (and implies ``context_causal``, which the saved model then decodes with).
 - ``curriculum`` (NBDiff): block size 1 (pure AR) growing by doubling to ``block_size`` over
   ``curriculum_steps`` (``grow``), or 1 then ``block_size`` at ``curriculum_steps`` (``jump``).
 """
@@ -50,22 +50,24 @@ class Ar2DiffConfig:
     inverse_t_weight: bool = False  # CE / p (BD3-LM, SDAR); false: mean CE over masked tokens (Fast-dLLM v2)
     token_shift: bool = True  # position p predicted from p - 1, as the AR parent (Fast-dLLM v2, NBDiff)
     complementary: bool = True  # a second copy masks the complement (Fast-dLLM v2)
-    context_causal: bool = False  # clean half token-causal (NBDiff); needed by ar_loss_weight > 0
-    ar_loss_weight: float = 0.0  # weight of the AR loss on the clean half (NBDiff)
+    context_causal: bool = False  # clean half token-causal (NBDiff); implied by ar_loss_weight > 0
+    ar_loss_weight: float = 0.0  # weight of the AR loss on the clean half (NBDiff; makes the clean half causal)
     curriculum: str = "none"  # none | grow (block 1, 2, 4 ... block_size) | jump (1, then block_size)
     curriculum_steps: int = 0  # steps until the full block size
     save_dtype: str = "bfloat16"  # dtype of the saved model
+
+    @property
+    def causal_context(self) -> bool:
+        """The clean half's attention: token-causal when asked, and always with the AR loss (a block-causal
+        clean half would see the very tokens it predicts)."""
+        return self.context_causal or self.ar_loss_weight > 0
 
     def validate(self) -> None:
         require(self.noise in NOISE, f"ar2diff.noise={self.noise!r}: choose from {', '.join(NOISE)}")
         require(self.curriculum in CURRICULA, f"ar2diff.curriculum={self.curriculum!r}: use {', '.join(CURRICULA)}")
         require(0 <= self.position_slope <= 2, f"ar2diff.position_slope={self.position_slope} must be in [0, 2]")
         require(0 < self.eps < 1, f"ar2diff.eps={self.eps} must be in (0, 1)")
-        require(
-            self.ar_loss_weight == 0 or self.context_causal,
-            "ar2diff.ar_loss_weight > 0 needs ar2diff.context_causal=true (a block-causal clean half sees the "
-            "tokens it would predict)",
-        )
+        require(self.ar_loss_weight >= 0, f"ar2diff.ar_loss_weight={self.ar_loss_weight} must be >= 0")
         bad = [g for g in self.gen_lengths if g % self.block_size]
         require(not bad, f"ar2diff.gen_lengths {bad} are not multiples of ar2diff.block_size={self.block_size}")
         if self.curriculum == "grow":
@@ -137,7 +139,7 @@ class BlockDiffusionModule(DParallelModule):
         positions = position_ids_from_mask(valid)
         out = self.adapter.model(
             input_ids=inputs,
-            attention_mask=training_mask(blocks, valid, None, r.context_causal),
+            attention_mask=training_mask(blocks, valid, None, r.causal_context),
             position_ids=torch.cat([positions, positions], dim=1),
         ).logits  # [C*B, 2L, V]
         rows, cols = masked.nonzero(as_tuple=True)  # supervised x_t positions

@@ -243,3 +243,56 @@ def adapter_mask(adapter, x, attn):
 
     blocks = block_ids(x.shape[1], adapter.block_size)
     return decode_mask(blocks, attn, noisy_blocks(x, blocks, adapter.ids.mask), 0, adapter.context_causal)
+
+
+# ---- the ar -> ar2diff pipeline -------------------------------------------------------------------------------
+TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
+STEPS = ["train.max_steps=2", "train.global_batch_size=4", "train.log_every=1", "model.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, one_thread):
+    """A tiny AR parent trained from scratch for 2 steps, converted for 2 steps; both exported."""
+    from dparallel.commands import train
+    from dparallel.config import load_recipe
+    from dparallel.export import export_run
+
+    root = tmp_path_factory.mktemp("ar2diff")
+    train(
+        load_recipe(
+            "recipes/tiny/ar.yaml",
+            [f"run_dir={root / 'ar'}", "ar.init=scratch", "ar.gen_lengths=[16]", "ar.tasks=[copy,sort]", *TINY, *STEPS],
+        )
+    )
+    overrides = [
+        f"run_dir={root / 'block'}", f"model.path={root / 'ar' / 'model'}", "ar2diff.block_size=8",
+        "ar2diff.gen_lengths=[16]", "ar2diff.tasks=[copy,sort]", "eval.after_train=false", "decode.gen_length=16", "decode.block_length=8", *STEPS,
+    ]  # fmt: skip
+    train(load_recipe("recipes/tiny/ar2diff.yaml", overrides))
+    return export_run(root / "ar"), export_run(root / "block")
+
+
+def test_pipeline_saves_an_ar_parent_and_a_block_model(pipeline):
+    import json
+
+    ar, block = pipeline
+    assert json.loads((ar / "dparallel.json").read_text())["family"] == "ar"
+    manifest = json.loads((block / "dparallel.json").read_text())
+    assert (manifest["family"], manifest["method"], manifest["ids"]["mask"]) == ("block", "ar2diff", 1)
+    config = json.loads((block / "config.json").read_text())
+    assert config["dparallel_block"] == {"block_size": 8, "context_causal": False, "token_shift": True}
+    assert config["architectures"] == ["LlamaForCausalLM"]  # a stock class, no remote code
+    assert manifest["decoding"]["cache"] == "block" and manifest["decoding"]["rule"] == "confidence"
+
+
+@pytest.mark.parametrize("which", ["ar", "block"])
+def test_export_round_trip_in_a_fresh_process(pipeline, which):
+    from conftest import fresh_process_tokens
+
+    import dparallel
+
+    folder = pipeline[0] if which == "ar" else pipeline[1]
+    prompts = ["copy: ab\n", "sort: cba\n"]
+    decode = dict(gen_length=16, block_length=8 if which == "block" else 16)
+    before = [o.tokens for o in dparallel.load(str(folder), device="cpu").generate(prompts, **decode)]
+    assert fresh_process_tokens(folder, prompts, **decode) == before
