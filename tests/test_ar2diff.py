@@ -266,7 +266,8 @@ def pipeline(tmp_path_factory, one_thread):
     )
     overrides = [
         f"run_dir={root / 'block'}", f"model.path={root / 'ar' / 'model'}", "ar2diff.block_size=8",
-        "ar2diff.gen_lengths=[16]", "ar2diff.tasks=[copy,sort]", "eval.after_train=false", "decode.gen_length=16", "decode.block_length=8", *STEPS,
+        "ar2diff.gen_lengths=[16]", "ar2diff.tasks=[copy,sort]", "eval.after_train=false", "decode.gen_length=16",
+        "decode.block_length=8", *STEPS,
     ]  # fmt: skip
     train(load_recipe("recipes/tiny/ar2diff.yaml", overrides))
     return export_run(root / "ar"), export_run(root / "block")
