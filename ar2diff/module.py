@@ -110,8 +110,19 @@ def noisy_copies(x: torch.Tensor, answer: torch.Tensor, p: torch.Tensor, generat
     return [(masked, p), (answer & ~masked, (1 - p).clamp(min=1e-3) * answer)]
 
 
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] position of each token inside its document (packed rows restart at 0 on every new document id)."""
+    L = doc_ids.shape[1]
+    index = torch.arange(L, device=doc_ids.device).expand_as(doc_ids)
+    new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+    new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(new_doc, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start
+
+
 class BlockDiffusionModule(DParallelModule):
-    """AR -> block diffusion. Batches: input_ids, attention_mask, prompt_mask (``data.sft.collate``)."""
+    """AR -> block diffusion. Batches: input_ids, attention_mask, prompt_mask (``data.sft.collate``), and for
+    packed rows ``doc_ids`` [B, L] (no attention across documents, positions restart per document: SDAR)."""
 
     def __init__(self, cfg, adapter):
         super().__init__(cfg, adapter)
@@ -136,10 +147,11 @@ class BlockDiffusionModule(DParallelModule):
         clean = x.repeat(C, 1)
         inputs = torch.cat([clean.masked_fill(masked, mask_id), clean], dim=1)  # [C*B, 2L]: x_t ⊕ x_0
         valid = attn.repeat(C, 1)
-        positions = position_ids_from_mask(valid)
+        docs = batch["doc_ids"].repeat(C, 1) if "doc_ids" in batch else None  # packed rows: [B, L] document ids
+        positions = position_ids_from_mask(valid) if docs is None else document_positions(docs)
         out = self.adapter.model(
             input_ids=inputs,
-            attention_mask=training_mask(blocks, valid, None, r.causal_context),
+            attention_mask=training_mask(blocks, valid, docs, r.causal_context),
             position_ids=torch.cat([positions, positions], dim=1),
         ).logits  # [C*B, 2L, V]
         rows, cols = masked.nonzero(as_tuple=True)  # supervised x_t positions

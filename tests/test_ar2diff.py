@@ -340,3 +340,32 @@ def test_block_cache_refuses_other_families_and_misaligned_blocks(one_thread):
     tiny = Generator(new_tiny_adapter(OmegaConf.create(tiny_shape())))
     with pytest.raises(DParallelError, match="cache=block needs a converted block-diffusion model"):
         tiny.generate(PROMPTS, gen_length=16, block_length=8, cache="block")
+
+
+def test_packed_documents_do_not_see_each_other(one_thread):
+    from dparallel.ar2diff.masks import block_ids, training_mask
+    from dparallel.ar2diff.module import document_positions
+
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    module, batch = module_and_batch()
+    x = batch["input_ids"][:1]
+    L, half = x.shape[1], x.shape[1] // 2
+    doc_ids = (torch.arange(L) >= half).long()[None]
+    pos = document_positions(doc_ids)
+    mask = training_mask(block_ids(L, 4), torch.ones_like(x), doc_ids)
+
+    def doc1_logits(row):
+        noisy = row.clone()
+        noisy[:, half::2] = module.adapter.ids.mask
+        with torch.no_grad():
+            out = module.adapter.model(
+                input_ids=torch.cat([noisy, row], 1), attention_mask=mask, position_ids=torch.cat([pos, pos], 1)
+            ).logits
+        return torch.cat([out[:, half:L], out[:, L + half :]], 1)
+
+    edited = torch.cat([x[:, :half].flip(1), x[:, half:]], 1)  # document 0 changed, document 1 not
+    torch.testing.assert_close(doc1_logits(edited), doc1_logits(x), atol=1e-5, rtol=0)
+    packed = {"input_ids": x, "attention_mask": torch.ones_like(x), "prompt_mask": doc_ids == 0, "doc_ids": doc_ids}
+    loss, _ = module.compute_loss(packed, torch.Generator().manual_seed(0))  # the module takes doc_ids too
+    assert torch.isfinite(loss)
