@@ -307,3 +307,6 @@ def load_adapter(
     if overrides:
         ids = SpecialIds(**{**ids.__dict__, **overrides})
     return cls(model, tokenizer, ids, name=manifest.get("name", path), revision=revision or "")
+
+
+import dparallel.ar2diff.family  # noqa: E402, F401  (registers the `ar` and `block` families of ar2diff)

@@ -63,13 +63,14 @@ class Generator:
         the rule for prompts ``[start, end)`` (a rule that depends on the prompts, such as the oracle's replay)."""
         config = self.decode_config(**decode)
         make = self.rules.get(config.rule)
+        sampler_class = getattr(self.adapter, "sampler_class", Sampler)  # the ar family decodes with generate()
         if rule_for_batch is None:
-            sampler = Sampler(self.adapter, config, rule=make(config, decode) if make else None)
+            sampler = sampler_class(self.adapter, config, rule=make(config, decode) if make else None)
         out = []
         for start in range(0, len(ids), batch_size):
             if rule_for_batch is not None:
                 rule = rule_for_batch(start, min(start + batch_size, len(ids)))
-                sampler = Sampler(self.adapter, config, rule=rule)
+                sampler = sampler_class(self.adapter, config, rule=rule)
             tokens, order, stats = sampler.run(ids[start : start + batch_size])
             for j, (row, row_order, st) in enumerate(zip(tokens.tolist(), order.tolist(), stats)):
                 text = self.adapter.decode(row)

@@ -145,3 +145,17 @@ def _filter_config() -> type:
 register_method(
     Method("filter", _filter_config(), _build_filter, _save_filter, component="filter", attach=_attach_filter)
 )
+
+
+def _ar2diff_method(name: str) -> Method:
+    """``ar`` (SFT of a stock causal LM: the parent) and ``ar2diff`` (its conversion to block diffusion)."""
+    from dparallel.ar2diff import method as m
+    from dparallel.ar2diff.module import Ar2DiffConfig
+
+    if name == "ar":
+        return Method("ar", m.ARConfig, m.build_ar, m.save_ar)
+    return Method("ar2diff", Ar2DiffConfig, m.build_ar2diff, m.save_block)
+
+
+register_method(_ar2diff_method("ar"))
+register_method(_ar2diff_method("ar2diff"))

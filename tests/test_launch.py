@@ -15,6 +15,15 @@ RECIPES = {
         "pretrain.tasks=[copy]",
         "train.num_workers=0",
     ],
+    "ar": ["recipes/tiny/ar.yaml", *TINY, "ar.init=scratch", "ar.gen_lengths=[16]", "ar.tasks=[copy]"],
+    "ar2diff": [
+        "recipes/tiny/ar2diff.yaml",
+        "model.path=builtin:tiny-teacher",  # the teacher's weights read as an AR parent: no parent run needed
+        "ar2diff.gen_lengths=[16]",
+        "ar2diff.tasks=[copy]",
+        "ar2diff.block_size=8",
+        "eval.after_train=false",
+    ],
     "filter": [
         "recipes/tiny/filter.yaml",
         f"filter.trajectories={FIXTURE}",

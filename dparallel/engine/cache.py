@@ -20,11 +20,13 @@ import torch
 from dparallel.adapters import ModelAdapter, position_ids_from_mask
 from dparallel.errors import require
 
-CACHE_MODES = ("none", "prefix", "dual")
+CACHE_MODES = ("none", "prefix", "dual", "block")  # block: exact, converted models only (ar2diff/cache.py)
 
 
 class ContextCache:
     """Holds the context keys/values of the active block and answers window forwards against them."""
+
+    refreshes = True  # the sampler calls ``refresh`` at a block's first step (BlockCache: always ``step``)
 
     def __init__(self, adapter: ModelAdapter, mode: str):
         require(mode in CACHE_MODES, f"cache={mode!r}: choose from {', '.join(CACHE_MODES)}")
@@ -55,3 +57,13 @@ class ContextCache:
         keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
         return self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
+
+
+def build_cache(adapter: ModelAdapter, mode: str):
+    """The cache object of ``mode``: Fast-dLLM's prefix/dual caches, or the exact block cache of a converted
+    block-diffusion model (``block``)."""
+    if mode == "block":
+        from dparallel.ar2diff.cache import BlockCache
+
+        return BlockCache(adapter)
+    return ContextCache(adapter, mode)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from dparallel.adapters import ModelAdapter
-from dparallel.engine.cache import CACHE_MODES, ContextCache
+from dparallel.engine.cache import CACHE_MODES, ContextCache, build_cache
 from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule, token_statistics
 from dparallel.errors import require
 
@@ -37,7 +37,7 @@ class DecodeConfig:
     logits_eos_inf: bool = False  # never propose EOS
     confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
     seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
-    cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate key/value caches)
+    cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
     eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
 
@@ -203,7 +203,9 @@ class Sampler:
         reference semantics, noise drawn over every position), the active block [lo, hi) with one."""
         if cache is None:
             return self._logits(canvas, prompt_positions), 0
-        refresh = step == 0 or (self.config.cache_refresh > 0 and step % self.config.cache_refresh == 0)
+        refresh = cache.refreshes and (
+            step == 0 or (self.config.cache_refresh > 0 and step % self.config.cache_refresh == 0)
+        )
         if refresh:
             return cache.refresh(canvas.x, canvas.attention_mask, lo, hi)[:, lo:hi], lo
         return cache.step(canvas.x, canvas.attention_mask, lo, hi)[:, : hi - lo], lo
@@ -252,7 +254,7 @@ class Sampler:
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
-        cache = ContextCache(self.adapter, cfg.cache) if cfg.cache != "none" else None
+        cache = build_cache(self.adapter, cfg.cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         start, calls = time.perf_counter(), 0
         for b in range(cfg.num_blocks):
