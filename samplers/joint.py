@@ -290,7 +290,8 @@ def save(module, cfg: DictConfig, out: Path) -> None:
     """RUN_DIR/model: ``joint.safetensors`` (the sampler layer only) and ``dparallel.json`` (component ``joint``)."""
     j = cfg.joint
     fields = {"block_length": j.block_length, "depth": j.depth, "k": j.k, "metrics": module.final_metrics()}
-    decoding = {"rule": "joint", "k": j.k, "block_length": j.block_length}
+    d = cfg.decode
+    decoding = {"rule": "joint", "k": j.k, "gen_length": d.gen_length, "block_length": d.block_length}
     save_component(out, COMPONENT, module.sampler, module.adapter, cfg, fields, decoding)
 
 

@@ -36,16 +36,21 @@ def load_sequential_records(path: str, max_records: int | None) -> tuple[list[di
     require(Path(path).exists(), f"no trajectories at {path}: run `dparallel record ... {SEQUENTIAL_HINT}` first")
     manifest, records = read_manifest(path), []
     for r in read_trajectories(path):
-        order = np.asarray(r["order"])
-        require(
-            int(r["steps"]) == order.size and np.array_equal(np.sort(order), np.arange(order.size)),
-            f"{path} is not a sequential trajectory (one token per forward): {SEQUENTIAL_HINT}",
-        )
+        check_sequential(r["order"], int(r["steps"]), path)
         records.append({k: np.asarray(r[k], dtype=np.int64) for k in ("prompt_ids", "tokens", "order")})
         if max_records is not None and len(records) >= max_records:
             break
     require(len(records) > 0, f"no trajectories in {path}")
     return records, manifest
+
+
+def check_sequential(order, steps: int, where: str) -> None:
+    """Refuse a trajectory that commits several tokens in one step (its intermediate states are not exact)."""
+    order = np.asarray(order)
+    require(
+        steps == order.size and np.array_equal(np.sort(order), np.arange(order.size)),
+        f"{where} is not a sequential trajectory (one token per forward): {SEQUENTIAL_HINT}",
+    )
 
 
 def windows_of(record: dict, block_length: int, depth: int) -> np.ndarray:
