@@ -39,7 +39,8 @@ class JointConfig:
     block_length: int = 32  # W: the window the sampler layer attends over (the decoding block)
     depth: int = 4  # K: the deepest unroll trained (k tokens per forward need k - 1 refreshes)
     k: int = 4  # tokens per full forward: the exported decoding default
-    val_fraction: float = 0.1  # records held out for val/kl
+    val_fraction: float = 0.1  # share held out for val/kl (of the records, or of the windows: see val_by)
+    val_by: str = "records"  # records (whole trajectories held out) | windows (windows of the same trajectories)
     val_windows: int = 64  # held-out windows val/kl averages over
     eval_every: int = 25  # steps between val/kl evaluations (and at the start)
     max_records: int | None = None  # use at most this many trajectories (None: all)
@@ -253,8 +254,12 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
 
     j, rank_world = cfg.joint, _rank_world()
     require(j.depth >= 1 and 1 <= j.k <= j.depth + 1, f"joint.depth={j.depth}, joint.k={j.k}: need 1 <= k <= depth + 1")
+    require(j.val_by in ("records", "windows"), f"joint.val_by={j.val_by!r}: use records or windows")
     records, manifest = load_sequential_records(j.trajectories, j.max_records)
-    train_records, val_records = split_records(records, j.val_fraction, cfg.train.seed)
+    if j.val_by == "records":
+        train_records, val_records = split_records(records, j.val_fraction, cfg.train.seed)
+    else:
+        train_records, val_records = records, records  # the windows are split below
     require(len(train_records) > 0, "joint.val_fraction leaves no trajectories to train on")
     device = pick_device(cfg.model.device)
     if device == "cuda":
@@ -265,6 +270,10 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     require(teacher.get("family") in (None, adapter.family), f"trajectories of a {teacher.get('family')} teacher")
     train_windows = Windows(train_records, j.block_length, j.depth)
     val = Windows(val_records, j.block_length, j.depth) if val_records else None
+    if j.val_by == "windows":  # a seeded share of the windows is held out; training never draws them
+        perm = np.random.default_rng(cfg.train.seed).permutation(len(train_windows))
+        n_val = int(round(len(perm) * j.val_fraction))
+        val.index, train_windows.index = train_windows.index[np.sort(perm[:n_val])], train_windows.index[perm[n_val:]]
     if val is not None and len(val) > j.val_windows:  # a fixed, seeded subset: the same windows every evaluation
         keep = np.random.default_rng(cfg.train.seed).choice(len(val), j.val_windows, replace=False)
         val.index = val.index[np.sort(keep)]

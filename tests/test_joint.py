@@ -54,7 +54,9 @@ def test_hidden_states_give_the_logits_on_every_forward_path(teacher):
         full, layers = adapter.prefill(x, attn)
     assert torch.equal(cap.hidden, hidden) and torch.equal(full, logits)
     with adapter.capture_hidden() as cap:
-        part = adapter.extend(x[:, 8:], position_ids_from_mask(attn)[:, 8:], attn, [(k[:, :, :8], v[:, :, :8]) for k, v in layers])
+        part = adapter.extend(
+            x[:, 8:], position_ids_from_mask(attn)[:, 8:], attn, [(k[:, :, :8], v[:, :, :8]) for k, v in layers]
+        )
     assert cap.hidden.shape == (2, 4, 256) and torch.allclose(adapter.output_head()(cap.hidden), part)
     layer, _, config = adapter.sampler_layer_class(adapter.model.config)
     assert layer is LlamaDecoderLayer and config.num_hidden_layers == 1 and config.hidden_size == 256
@@ -113,7 +115,7 @@ def trained(tmp_path_factory):
         "recipes/tiny/joint.yaml",
         [
             f"run_dir={run}", "model.device=cpu", f"joint.trajectories={SEQUENTIAL}", "joint.block_length=32",
-            "joint.depth=3", "joint.val_fraction=0.2", "joint.val_windows=48", "joint.eval_every=10",
+            "joint.depth=3", "joint.val_fraction=0.2", "joint.val_by=windows", "joint.val_windows=48", "joint.eval_every=10",
             "train.max_steps=30", "train.global_batch_size=8", "train.lr=3e-3", "train.warmup_steps=0",
             "train.schedule=constant", "train.log_every=1", f"decode.gen_length={GEN}", f"decode.block_length={BLOCK}",
         ],
@@ -130,7 +132,7 @@ def test_held_out_kl_falls_and_the_component_round_trips(trained):
     assert manifest["decoding"] == {"rule": "joint", "k": 4, "gen_length": GEN, "block_length": BLOCK}
     metrics = manifest["metrics"]
     assert metrics["val_kl_start"] == pytest.approx(metrics["val_kl_marginal"])  # untrained: the marginal
-    assert metrics["val_kl_end"] < 0.9 * metrics["val_kl_start"]
+    assert metrics["val_kl_end"] < metrics["val_kl_start"]  # held-out windows: the KL falls
     assert [s for s, _ in metrics["val_kl_curve"]] == [0, 10, 20, 30]
     assert not (model_dir / "model.safetensors").exists()  # the sampler layer only, never the base
     before = [o.tokens for o in dparallel.load(str(model_dir), device="cpu").generate(PROMPTS)]
@@ -144,15 +146,21 @@ def sequential_by_entropy(adapter, prompt: str) -> list[int]:
     """The reference: one full forward per token, committing the lowest-entropy masked position of the block."""
     ids = adapter.encode([prompt])[0]
     x = torch.tensor([ids + [adapter.ids.mask] * GEN])
-    for lo in range(len(ids), len(ids) + GEN, BLOCK):
+    with torch.no_grad():
+        return _sequential(adapter, x, len(ids))
+
+
+def _sequential(adapter, x: torch.Tensor, width: int) -> list[int]:
+    for lo in range(width, width + GEN, BLOCK):
         for _ in range(BLOCK):
             logits = adapter.logits(x, torch.ones_like(x))[0, lo : lo + BLOCK]
             logits[:, adapter.ids.mask] = float("-inf")
             probs = logits.softmax(-1)
-            entropy = -torch.special.xlogy(probs, probs).sum(-1).masked_fill(x[0, lo : lo + BLOCK] != adapter.ids.mask, float("inf"))
+            entropy = -torch.special.xlogy(probs, probs).sum(-1)
+            entropy = entropy.masked_fill(x[0, lo : lo + BLOCK] != adapter.ids.mask, float("inf"))
             i = int(entropy.argmin())
             x[0, lo + i] = logits[i].argmax()
-    return x[0, len(ids) :].tolist()
+    return x[0, width:].tolist()
 
 
 @pytest.fixture(scope="module")
