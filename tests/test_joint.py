@@ -115,7 +115,8 @@ def trained(tmp_path_factory):
         "recipes/tiny/joint.yaml",
         [
             f"run_dir={run}", "model.device=cpu", f"joint.trajectories={SEQUENTIAL}", "joint.block_length=32",
-            "joint.depth=3", "joint.val_fraction=0.2", "joint.val_by=windows", "joint.val_windows=48", "joint.eval_every=10",
+            "joint.depth=3", "joint.val_fraction=0.2", "joint.val_by=windows", "joint.val_windows=48",
+            "joint.eval_every=10",
             "train.max_steps=30", "train.global_batch_size=8", "train.lr=3e-3", "train.warmup_steps=0",
             "train.schedule=constant", "train.log_every=1", f"decode.gen_length={GEN}", f"decode.block_length={BLOCK}",
         ],
