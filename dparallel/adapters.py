@@ -13,6 +13,8 @@ Families: ``tiny`` (a stock Llama class used bidirectionally; the embedded defau
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -93,6 +95,49 @@ class ModelAdapter:
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    # ---- hidden states (for heads/sampler layers over the frozen base) ---------------------------------------
+    def output_head(self) -> torch.nn.Module:
+        """The frozen LM head: the module that maps the last hidden states [B, L, H] to the logits [B, L, V].
+        What it receives is already through the final norm (Llama/Qwen2/LLaDA apply it before the head), so
+        ``output_head()(hidden) == logits`` exactly for the hidden states :meth:`capture_hidden` records."""
+        head = self.model.get_output_embeddings()
+        require(
+            isinstance(head, torch.nn.Linear),
+            f"the {self.family} model has no separate linear LM head (tied embeddings?): hidden-state components "
+            "need one",
+        )
+        return head
+
+    def input_embeddings(self) -> torch.nn.Module:
+        """The frozen token embedding: ids [B, L] -> [B, L, H]."""
+        return self.model.get_input_embeddings()
+
+    @contextmanager
+    def capture_hidden(self) -> Iterator[HiddenCapture]:
+        """Within the block, every forward (``logits``, ``prefill``, ``extend``) records the input of the LM head,
+        i.e. the last hidden states [B, S, H] of the positions whose logits it returns, aligned like those logits
+        (Dream's shift undone). Costs one forward hook; nothing is recomputed."""
+        capture = HiddenCapture(self.shift_logits)
+        handle = self.output_head().register_forward_hook(capture.hook)
+        try:
+            yield capture
+        finally:
+            handle.remove()
+
+    def logits_and_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`logits` [B, L, V] and the last hidden states [B, L, H] with ``output_head()(hidden) == logits``."""
+        with self.capture_hidden() as capture:
+            logits = self.logits(input_ids, attention_mask)
+        return logits, capture.hidden
+
+    @classmethod
+    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
+        """(decoder layer class, rotary embedding class, layer config) of the family's stock transformers layer with
+        the base's shape (one layer), for components that add a layer over the base's hidden states."""
+        raise DParallelError(f"the {cls.family} family has no sampler layer class: use tiny, llada or dream")
+
     # ---- text ----------------------------------------------------------------------------------------------
     def encode(self, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
         """Token ids of each prompt, through the tokenizer's chat template when asked."""
@@ -122,6 +167,28 @@ class ModelAdapter:
         if n and tokens[n - 1] in (self.ids.eos, self.ids.eot):
             n -= 1
         return self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+
+
+class HiddenCapture:
+    """What :meth:`ModelAdapter.capture_hidden` records: the LM head's input of the latest forward."""
+
+    def __init__(self, shift: bool):
+        self.shift, self.hidden = shift, None
+
+    def hook(self, module, inputs, output) -> None:
+        hidden = inputs[0]
+        if self.shift:  # as ModelAdapter.logits: position i-1's state predicts token i
+            hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
+        self.hidden = hidden
+
+
+def llama_layer_config(config, **shape):
+    """A one-layer ``LlamaConfig`` with the given shape, SDPA attention (takes a boolean mask; bidirectional)."""
+    from transformers import LlamaConfig
+
+    layer = LlamaConfig(num_hidden_layers=1, **shape)
+    layer._attn_implementation = "sdpa"
+    return layer
 
 
 def bidirectional_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -156,6 +223,14 @@ class TinyAdapter(ModelAdapter):
         ).logits
 
     supports_cache = True
+
+    @classmethod
+    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        layer = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1})
+        layer._attn_implementation = "sdpa"
+        return LlamaDecoderLayer, LlamaRotaryEmbedding, layer
 
     def prefill(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Full forward. Returns logits [B, L, V] and each layer's (keys, values) [B, H, L, D]."""
@@ -192,6 +267,24 @@ class LLaDAAdapter(ModelAdapter):
     def default_ids(cls, tokenizer) -> SpecialIds:
         return SpecialIds(mask=126336, eos=126081, eot=126348, pad=126081)
 
+    @classmethod
+    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
+        """LLaDA's block is a Llama block (RMSNorm, RoPE, SwiGLU) under OLMo names: a stock LlamaDecoderLayer
+        with its shape (d_model, n_heads, n_kv_heads, mlp_hidden_size, rope_theta)."""
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        layer = llama_layer_config(
+            config,
+            hidden_size=config.d_model,
+            intermediate_size=config.mlp_hidden_size,
+            num_attention_heads=config.n_heads,
+            num_key_value_heads=config.n_kv_heads or config.n_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_sequence_length,
+            rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        )
+        return LlamaDecoderLayer, LlamaRotaryEmbedding, layer
+
 
 class DreamAdapter(ModelAdapter):
     """Dream-org/Dream-v0-Instruct-7B (remote code, Qwen2 body). Logits are shifted: position i-1 predicts i."""
@@ -204,6 +297,25 @@ class DreamAdapter(ModelAdapter):
     @classmethod
     def default_ids(cls, tokenizer) -> SpecialIds:
         return SpecialIds(mask=151666, eos=151643, eot=151645, pad=151643)
+
+    @classmethod
+    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
+        """Dream's body is Qwen2's: a stock Qwen2DecoderLayer with its shape, used bidirectionally."""
+        from transformers import Qwen2Config
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+        layer = Qwen2Config(
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 1e6))},
+            num_hidden_layers=1,
+        )
+        layer._attn_implementation = "sdpa"
+        return Qwen2DecoderLayer, Qwen2RotaryEmbedding, layer
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None or bool(attention_mask.all()):

@@ -29,6 +29,7 @@ def _row(decoder: str, task: str, gens: list[Generation], correct: list[bool], w
         "tpf": answer_tokens / max(1, sum(g.stats.nfe for g in gens)),
         "tokens_per_s": answer_tokens / wall if wall > 0 else 0.0,
         "wall_s": wall,
+        "sampler_calls": sum(g.stats.sampler_calls for g in gens) / n,  # learned-layer calls beside the forwards
     }
 
 
@@ -59,6 +60,7 @@ def evaluate(generator: Generator, eval_cfg: DictConfig, progress: bool = True) 
         macro.update({m: sum(r[m] for r in per_task) / len(per_task) for m in METRICS})
         macro["tokens_per_s"] = sum(g.stats.answer_tokens for g in gens) / wall
         macro["wall_s"] = wall
+        macro["sampler_calls"] = sum(g.stats.sampler_calls for g in gens) / len(gens)
         rows.append(macro)
         if progress:
             print(

@@ -159,3 +159,28 @@ def _ar2diff_method(name: str) -> Method:
 
 register_method(_ar2diff_method("ar"))
 register_method(_ar2diff_method("ar2diff"))
+def _build_joint(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.samplers.joint import build
+
+    return build(cfg, micro, start_batch)
+
+
+def _save_joint(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.samplers.joint import save
+
+    save(module, cfg, out)
+
+
+def _attach_joint(generator, folder: str, manifest: dict) -> None:
+    from dparallel.samplers.joint import attach_joint
+
+    attach_joint(generator, folder, manifest)
+
+
+def _joint_config() -> type:
+    from dparallel.samplers.joint import JointConfig
+
+    return JointConfig
+
+
+register_method(Method("joint", _joint_config(), _build_joint, _save_joint, component="joint", attach=_attach_joint))

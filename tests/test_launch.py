@@ -32,6 +32,11 @@ RECIPES = {
         "decode.gen_length=16",
         "decode.block_length=8",
     ],
+    "joint": [
+        "recipes/tiny/joint.yaml",
+        f"joint.trajectories={Path(__file__).parent / 'fixtures' / 'trajectories-sequential'}",
+        "joint.val_windows=8",
+    ],
 }
 
 

@@ -60,6 +60,8 @@ class StepContext:
     window: (lo, hi) canvas positions of the active block
     nfe: [B] full forwards each row has taken part in so far (before this one)
     generator: the sampler's random generator (sampling rules draw from it, so a seed reproduces a run)
+    hidden: the base model's last hidden states aligned with ``logits`` (``output_head(hidden) == logits``),
+        recorded only when the rule sets ``needs_hidden`` (other rules pay nothing)
     """
 
     x: torch.Tensor
@@ -70,6 +72,7 @@ class StepContext:
     window: tuple[int, int]
     nfe: torch.Tensor
     generator: torch.Generator | None = None
+    hidden: torch.Tensor | None = None  # [B, S, H] last hidden states beside ``logits``; only for needs_hidden rules
 
 
 def token_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -108,6 +111,14 @@ class Rule:
     """Base class. ``fixed_steps`` rules run a known number of steps per block (no host sync to stop)."""
 
     name: ClassVar[str] = ""
+    needs_hidden: ClassVar[bool] = False  # StepContext.hidden is filled (a sampler layer over the hidden states)
+
+    def begin_run(self, batch: int, device: torch.device) -> None:
+        """Called once per batch before its first block (rules that count their own calls reset them here)."""
+
+    def sampler_calls(self) -> list[int] | None:
+        """Per-row calls of a learned part beside the full forwards in the last run (None: the rule has none)."""
+        return None
 
     def steps_per_block(self, block_length: int) -> int:
         """Upper bound on steps per block; every rule commits >= 1 token per step, so W always suffices."""
@@ -198,7 +209,44 @@ class Factor(Rule):
         return (rank_in_row(conf) < keep) & p.masked
 
 
-def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, factor: float) -> Rule:
+class Marginal(Rule):
+    """k tokens per full forward: sub-step j = 0..k-1 commits the lowest-entropy masked position of the window and
+    writes its candidate token. Without a refresh every sub-step reads the same (marginal) logits, so this is the
+    k lowest-entropy positions sampled independently: the baseline the joint sampler refreshes
+    (:meth:`refresh`). With k = 1 it is sequential decoding by entropy. Blocks of W masks take ceil(W / k) forwards."""
+
+    name = "marginal"
+
+    def __init__(self, k: int):
+        require(isinstance(k, int) and k >= 1, f"k={k} tokens per full forward must be an integer >= 1")
+        self.k = k
+
+    def refresh(self, p: Proposal, window: torch.Tensor) -> torch.Tensor | None:
+        """New window logits [B, W, V] after this forward's commits so far (``window`` [B, W]: the block with them
+        written); None keeps the marginal logits."""
+        return None
+
+    def candidates(self, p: Proposal, logits: torch.Tensor) -> torch.Tensor:
+        """Candidate tokens [B, W] from refreshed logits (the first sub-step uses the sampler's ``p.tokens``)."""
+        return logits.argmax(dim=-1)
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        masked, commit = p.masked.clone(), torch.zeros_like(p.masked)
+        entropy, candidates = token_statistics(p.logits)["entropy"], p.tokens
+        window = p.context.x[:, p.context.window[0] : p.context.window[1]] if p.context is not None else None
+        for j in range(self.k):
+            pick = best_masked(-entropy, masked)  # [B, W] one-hot (empty in finished rows)
+            p.tokens = torch.where(pick, candidates, p.tokens)
+            commit, masked = commit | pick, masked & ~pick
+            if j + 1 == self.k or window is None:
+                continue
+            logits = self.refresh(p, torch.where(commit, p.tokens, window))
+            if logits is not None:
+                entropy, candidates = token_statistics(logits)["entropy"], self.candidates(p, logits)
+        return commit
+
+
+def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, factor: float, k: int = 1) -> Rule:
     """Construct a built-in rule from decoding options (components register further rules in the engine)."""
     if name == "topk":
         return TopK(steps, num_blocks)
@@ -211,7 +259,10 @@ def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, fact
     if name == "factor":
         require(factor > 0.0 and math.isfinite(factor), f"factor {factor} must be a positive number")
         return Factor(factor)
+    if name == "marginal":
+        return Marginal(k)
     raise DParallelError(
-        f"unknown decoding rule {name!r}: built in are topk, confidence, entropy, factor; `filter` needs a filter "
-        "component (dparallel.load(FILTER_FOLDER)), `oracle` a reference (dparallel.filters.learn2pd.OracleRule)"
+        f"unknown decoding rule {name!r}: built in are topk, confidence, entropy, factor, marginal; `filter` needs a "
+        "filter component (dparallel.load(FILTER_FOLDER)), `oracle` a reference "
+        "(dparallel.filters.learn2pd.OracleRule), `joint` a joint sampler (dparallel.load(JOINT_FOLDER))"
     )

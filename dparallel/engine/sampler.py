@@ -40,6 +40,7 @@ class DecodeConfig:
     cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
     eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
+    k: int = 1  # marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)
 
     def validate(self) -> None:
         require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
@@ -57,6 +58,10 @@ class DecodeConfig:
         require(self.cache == "none" or self.cfg_scale <= 0, "cfg_scale > 0 needs cache=none")
         require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
         require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
+        require(
+            isinstance(self.k, int) and 1 <= self.k <= self.block_length,
+            f"k={self.k} tokens per full forward must be between 1 and block_length={self.block_length}",
+        )
         if self.steps is not None:
             require(
                 0 < self.steps <= self.gen_length,
@@ -149,6 +154,14 @@ def _emit_step(
     on_step(call, nfe.masked_fill(~active, -1), tokens, stats)
 
 
+def _align_hidden(hidden: torch.Tensor, span: int, first: int, length: int) -> torch.Tensor:
+    """The captured hidden states [B, S', H] cut to the ``span`` logits rows starting at canvas position ``first``:
+    a full-canvas forward (no cache, or a cache refresh) covers all ``length`` positions, a cached step only its
+    query span, which starts at ``first``."""
+    start = first if hidden.shape[1] == length else 0
+    return hidden[:, start : start + span]
+
+
 class Sampler:
     """Runs one decoding rule over batches of prompts with a model adapter."""
 
@@ -161,6 +174,7 @@ class Sampler:
             num_blocks=config.num_blocks,
             threshold=config.threshold,
             factor=config.factor,
+            k=config.k,
         )
 
     # ---- one model call ------------------------------------------------------------------------------------
@@ -256,6 +270,7 @@ class Sampler:
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
         cache = build_cache(self.adapter, cfg.cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        self.rule.begin_run(len(prompts), device)
         start, calls = time.perf_counter(), 0
         for b in range(cfg.num_blocks):
             lo = canvas.prompt_width + b * cfg.block_length
@@ -270,12 +285,18 @@ class Sampler:
                     break
                 masked = canvas.x == mask_id
                 masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
-                logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
+                hidden = None
+                if self.rule.needs_hidden:  # a forward hook on the LM head; other rules skip it entirely
+                    with self.adapter.capture_hidden() as captured:
+                        logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
+                    hidden = _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1])
+                else:
+                    logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
                 w = slice(lo - first, hi - first)
                 context = StepContext(
-                    canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen
+                    canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen, hidden
                 )
                 offset = lo - canvas.prompt_width
                 proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, offset, context)
@@ -295,8 +316,9 @@ class Sampler:
                 nfe += active.long()
         wall = time.perf_counter() - start
         out = canvas.x[:, canvas.prompt_width :]
+        row_calls = self.rule.sampler_calls() or [0] * len(prompts)
         stats = [
-            DecodeStats(int(n), self.adapter.answer_length(row), wall / len(prompts))
-            for n, row in zip(nfe.tolist(), out.tolist())
+            DecodeStats(int(n), self.adapter.answer_length(row), wall / len(prompts), int(c))
+            for n, row, c in zip(nfe.tolist(), out.tolist(), row_calls)
         ]
         return out, canvas.order, stats
