@@ -145,3 +145,32 @@ def _filter_config() -> type:
 register_method(
     Method("filter", _filter_config(), _build_filter, _save_filter, component="filter", attach=_attach_filter)
 )
+
+
+def _build_policy(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.samplers.policy_train import build
+
+    return build(cfg, micro, start_batch)
+
+
+def _save_policy(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.samplers.policy_train import save
+
+    save(module, cfg, out)
+
+
+def _attach_policy(generator, folder: str, manifest: dict) -> None:
+    from dparallel.samplers.policy import attach_policy
+
+    attach_policy(generator, folder, manifest)
+
+
+def _policy_config() -> type:
+    from dparallel.samplers.policy_train import PolicyConfig
+
+    return PolicyConfig
+
+
+register_method(
+    Method("policy", _policy_config(), _build_policy, _save_policy, component="policy", attach=_attach_policy)
+)
