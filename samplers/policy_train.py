@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from dparallel.data.suite import TASKS, is_correct, make_example
+from dparallel.data.sources import Item, SourceConfig, build_checker, load_items, source_name
 from dparallel.samplers.policy import PolicyRule, UnmaskingPolicy, bernoulli_kl, bernoulli_log_prob
 from omegaconf import DictConfig
 from torch.utils.data import IterableDataset
@@ -44,8 +44,8 @@ REWARDS = ("multiplicative", "additive")
 
 @dataclass
 class PolicyConfig:
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # synthetic-suite tasks the prompts come from
-    split: str = "train"  # suite split of the training prompts
+    source: SourceConfig = field(default_factory=SourceConfig)  # training prompts (default: the suite's train split)
+    checker: str = "auto"  # correctness: auto (the suite's own) | exact | last_number | module:function
     gen_length: int = 128  # L: the answer canvas of the rollouts
     block_length: int = 128  # rollout block (gen_length = one block of full diffusion; 32 = semi-AR)
     group_size: int = 8  # G: policy rollouts per prompt
@@ -66,7 +66,6 @@ class PolicyConfig:
     heads: int = 2
     init_bias: float = -2.0  # output bias: sigmoid(-2) ~ 0.12 per position at the start
     threshold: float = 0.5  # greedy decoding: commit p > threshold (the exported default)
-    chat_template: bool = False  # encode prompts with the tokenizer's chat template
 
 
 def rewards(correct: torch.Tensor, steps: torch.Tensor, length: int, alpha: float, kind: str) -> torch.Tensor:
@@ -101,9 +100,9 @@ def mixture_log_prob(old_lp: torch.Tensor, match: torch.Tensor, group: int) -> t
 
 
 class PromptBatches(IterableDataset):
-    """Endless batches of suite example numbers: batch ``i`` on rank ``r`` of ``w`` holds examples
-    ``(i * w + r) * n + j`` (task ``k % len(tasks)``, index ``k // len(tasks)``), so ranks see disjoint prompts
-    and a resumed run skips ahead by batch index."""
+    """Endless batches of prompt numbers: batch ``i`` on rank ``r`` of ``w`` holds prompts ``(i * w + r) * n + j``
+    (modulo the source's size; the module maps them through a seeded permutation), so ranks see disjoint
+    prompts and a resumed run skips ahead by batch index."""
 
     def __init__(self, n: int, rank: int = 0, world: int = 1, start_batch: int = 0):
         self.n, self.rank, self.world, self.start_batch = n, rank, world, start_batch
@@ -136,8 +135,10 @@ class UnmaskingPolicyModule(DParallelModule):
     """GRPO over the unmasking policy. The base dLLM is frozen and kept out of the module tree (the checkpoint
     holds the policy only, and DDP neither broadcasts nor wraps the base's weights)."""
 
-    def __init__(self, cfg: DictConfig, adapter, policy: UnmaskingPolicy):
+    def __init__(self, cfg: DictConfig, adapter, policy: UnmaskingPolicy, items: list[Item], checker):
         super().__init__(cfg, adapter)
+        self.items, self.checker = items, checker
+        self.order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
         del self.model  # registered by the base class; the frozen base must not be a submodule (see above)
         self.policy = policy
         self.reference = copy.deepcopy(policy).requires_grad_(False) if cfg.policy.kl_coef > 0 else None
@@ -155,12 +156,12 @@ class UnmaskingPolicyModule(DParallelModule):
         p = self.cfg.policy
         return DecodeConfig(rule="policy", gen_length=p.gen_length, block_length=p.block_length, seed=seed)
 
-    def rollout(self, examples: list, seed: int) -> dict[str, torch.Tensor]:
+    def rollout(self, examples: list[Item], seed: int) -> dict[str, torch.Tensor]:
         """Decode every prompt ``G`` times with the sampling policy (plus once with the expert under steering);
         returns the flattened steps (:func:`flatten_rollout`) with ``reward``, ``correct``, ``nfe`` per rollout
         (policy rollouts first, grouped by prompt: rows ``[j * G, (j + 1) * G)``, then one expert row per prompt)."""
         p, ids = self.cfg.policy, self.adapter.ids
-        prompts = self.adapter.encode([e.prompt for e in examples], p.chat_template)
+        prompts = self.adapter.encode([e.prompt for e in examples], p.source.chat_template)
         expert = Confidence(p.expert_threshold) if p.expert_steering else None
         runs = [("sample", [q for q in prompts for _ in range(p.group_size)])]
         if expert is not None:
@@ -181,7 +182,7 @@ class UnmaskingPolicyModule(DParallelModule):
         flat = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
         rows_ex = [e for e in examples for _ in range(p.group_size)] + (examples if expert is not None else [])
         texts = [self.adapter.decode(t) for part in tokens for t in part]
-        correct = torch.tensor([is_correct(e.task, e.prompt, t) for e, t in zip(rows_ex, texts)])
+        correct = torch.tensor([bool(self.checker(e, t)) for e, t in zip(rows_ex, texts)])
         steps = torch.tensor(nfe)
         reward = rewards(correct, steps, p.gen_length, p.alpha, p.reward)
         flat.update(correct=correct, nfe=steps.float(), reward=reward.float(), unmask_rate=torch.tensor(rate[0]))
@@ -225,8 +226,7 @@ class UnmaskingPolicyModule(DParallelModule):
         p = self.cfg.policy
         opt, sched = self.optimizers(), self.lr_schedulers()
         index = batch["example"].tolist()
-        tasks = list(p.tasks)
-        examples = [make_example(tasks[k % len(tasks)], p.split, k // len(tasks), self.cfg.train.seed) for k in index]
+        examples = [self.items[self.order[k % len(self.items)]] for k in index]
         # a distinct, reproducible Bernoulli stream per rollout batch and rank
         seed = (self.cfg.train.seed * 1_000_003 + index[0]) % (2**63)
         roll = self.rollout(examples, seed)
@@ -276,14 +276,15 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     require(p.reward in REWARDS, f"policy.reward={p.reward!r}: use {' or '.join(REWARDS)}")
     require(p.group_size >= 2 or p.expert_steering, f"policy.group_size={p.group_size}: a group needs >= 2 rollouts")
     require(p.updates_per_batch >= 1, f"policy.updates_per_batch={p.updates_per_batch} must be >= 1")
-    bad = [t for t in p.tasks if t not in TASKS]
-    require(not bad and len(p.tasks) > 0, f"policy.tasks={list(p.tasks)}: choose from {', '.join(TASKS)}")
     require(
         not cfg.train.grad_clip,
         "train.grad_clip must be 0 for the policy (manual optimisation): use policy.max_grad_norm",
     )
     DecodeConfig(gen_length=p.gen_length, block_length=p.block_length).validate()
     policy = new_policy(p)
+    items = load_items(p.source)
+    checker = build_checker(p.checker, p.source, items)
+    require(checker is not None, "the policy's reward needs a correctness checker: set policy.checker")
     dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
     if cfg.model.dtype == "auto" and torch.cuda.is_available() and cfg.model.device != "cpu":
         dtype = "bfloat16"
@@ -291,9 +292,13 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     adapter.model.requires_grad_(False)
     rank, world = _rank_world()
     n_params = sum(q.numel() for q in policy.parameters())
-    print(f"policy: {n_params} parameters; {micro} prompts x G={p.group_size} rollouts per rank per batch", flush=True)
+    print(
+        f"policy: {n_params} parameters; {len(items)} prompts from {source_name(p.source)}; "
+        f"{micro} prompts x G={p.group_size} rollouts per rank per batch",
+        flush=True,
+    )
     data = PromptBatches(micro, rank, world, start_batch // p.updates_per_batch)
-    return UnmaskingPolicyModule(cfg, adapter, policy), DataLoader(data, batch_size=None)
+    return UnmaskingPolicyModule(cfg, adapter, policy, items, checker), DataLoader(data, batch_size=None)
 
 
 def save(module: UnmaskingPolicyModule, cfg: DictConfig, out) -> None:

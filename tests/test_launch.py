@@ -23,6 +23,15 @@ RECIPES = {
         "decode.gen_length=16",
         "decode.block_length=8",
     ],
+    "policy": [
+        "recipes/tiny/policy.yaml",
+        "policy.source.suite.tasks=[copy]",
+        "policy.gen_length=16",
+        "policy.block_length=16",
+        "policy.group_size=2",
+        "decode.gen_length=16",
+        "decode.block_length=16",
+    ],
 }
 
 

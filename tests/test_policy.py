@@ -143,9 +143,10 @@ def synthetic_rollout(seed: int = 0, n: int = 6, length: int = 12, w: int = 4) -
 
 
 def policy_module(**overrides) -> UnmaskingPolicyModule:
-    cfg = OmegaConf.create({"policy": {**OmegaConf.to_container(OmegaConf.structured(PolicyConfig)), **overrides}})
+    policy = {**OmegaConf.to_container(OmegaConf.structured(PolicyConfig)), **overrides}
+    cfg = OmegaConf.create({"policy": policy, "train": {"seed": 0}})
     cfg.policy.temperature = 0.5
-    return UnmaskingPolicyModule(cfg, SimpleNamespace(model=None), random_policy(1, std=0.05))
+    return UnmaskingPolicyModule(cfg, SimpleNamespace(model=None), random_policy(1, std=0.05), [None], None)
 
 
 def hand_log_prob(module: UnmaskingPolicyModule, roll: dict) -> torch.Tensor:
@@ -249,7 +250,7 @@ def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
     cfg = load_recipe(
         "recipes/tiny/policy.yaml",
         [
-            f"run_dir={run}", "model.device=cpu", "policy.tasks=[copy,reverse]", "policy.gen_length=32",
+            f"run_dir={run}", "model.device=cpu", "policy.source.suite.tasks=[copy,reverse]", "policy.gen_length=32",
             "policy.block_length=32", "policy.group_size=2", "train.max_steps=2", "train.global_batch_size=1",
             "decode.gen_length=32", "decode.block_length=32",
         ],
