@@ -106,6 +106,14 @@ def test_group_advantages():
     assert torch.allclose(normalised[4:], torch.tensor([-0.25, -0.25, -0.25, 0.75]) / (std[1] + 1e-4))
 
 
+def test_advantages_group_policy_and_expert_rollouts_by_prompt():
+    # 2 prompts x G = 2 policy rollouts (rows 0-3), then one expert rollout per prompt (rows 4-5)
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 0.0])
+    adv = policy_module(group_size=2, expert_steering=True).advantages(reward, 2)
+    assert torch.allclose(adv, torch.tensor([1 / 3, -2 / 3, 1 / 6, 1 / 6, 1 / 3, -1 / 3]))
+    assert policy_module(group_size=2).advantages(reward[:4], 2).tolist() == [0.5, -0.5, 0.0, 0.0]
+
+
 def test_ppo_clip_and_mixture_likelihood():
     new = torch.tensor([math.log(2.0), math.log(0.25), 0.3])
     old = torch.tensor([0.0, 0.0, 0.3])
