@@ -118,69 +118,35 @@ register_method(Method("pretrain", PretrainConfig, _build_pretrain, _save_model)
 register_method(Method("distill", DistillConfig, _build_distill, _save_distill, component="student"))
 
 
-def _build_filter(cfg: DictConfig, micro: int, start_batch: int):
-    from dparallel.filters.learn2pd import build
+# Methods whose code lives in the design card's top-level folders. Each module imports ``dparallel.methods`` only
+# inside functions, so importing it here is not circular.
+from dparallel.ar2diff import method as ar2diff_method  # noqa: E402
+from dparallel.ar2diff.module import Ar2DiffConfig  # noqa: E402
+from dparallel.filters import learn2pd  # noqa: E402
+from dparallel.samplers import joint, policy, policy_train  # noqa: E402
 
-    return build(cfg, micro, start_batch)
-
-
-def _save_filter(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
-    from dparallel.filters.learn2pd import save
-
-    save(module, cfg, out)
-
-
-def _attach_filter(generator, folder: str, manifest: dict) -> None:
-    from dparallel.filters.learn2pd import attach_filter
-
-    attach_filter(generator, folder, manifest)
-
-
-def _filter_config() -> type:
-    from dparallel.filters.learn2pd import FilterConfig
-
-    return FilterConfig
-
-
+register_method(Method("ar", ar2diff_method.ARConfig, ar2diff_method.build_ar, ar2diff_method.save_ar))
+register_method(Method("ar2diff", Ar2DiffConfig, ar2diff_method.build_ar2diff, ar2diff_method.save_block))
 register_method(
-    Method("filter", _filter_config(), _build_filter, _save_filter, component="filter", attach=_attach_filter)
+    Method(
+        "filter",
+        learn2pd.FilterConfig,
+        learn2pd.build,
+        learn2pd.save,
+        component="filter",
+        attach=learn2pd.attach_filter,
+    )
 )
-
-
-def _ar2diff_method(name: str) -> Method:
-    """``ar`` (SFT of a stock causal LM: the parent) and ``ar2diff`` (its conversion to block diffusion)."""
-    from dparallel.ar2diff import method as m
-    from dparallel.ar2diff.module import Ar2DiffConfig
-
-    if name == "ar":
-        return Method("ar", m.ARConfig, m.build_ar, m.save_ar)
-    return Method("ar2diff", Ar2DiffConfig, m.build_ar2diff, m.save_block)
-
-
-register_method(_ar2diff_method("ar"))
-register_method(_ar2diff_method("ar2diff"))
-def _build_joint(cfg: DictConfig, micro: int, start_batch: int):
-    from dparallel.samplers.joint import build
-
-    return build(cfg, micro, start_batch)
-
-
-def _save_joint(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
-    from dparallel.samplers.joint import save
-
-    save(module, cfg, out)
-
-
-def _attach_joint(generator, folder: str, manifest: dict) -> None:
-    from dparallel.samplers.joint import attach_joint
-
-    attach_joint(generator, folder, manifest)
-
-
-def _joint_config() -> type:
-    from dparallel.samplers.joint import JointConfig
-
-    return JointConfig
-
-
-register_method(Method("joint", _joint_config(), _build_joint, _save_joint, component="joint", attach=_attach_joint))
+register_method(
+    Method("joint", joint.JointConfig, joint.build, joint.save, component="joint", attach=joint.attach_joint)
+)
+register_method(
+    Method(
+        "policy",
+        policy_train.PolicyConfig,
+        policy_train.build,
+        policy_train.save,
+        component="policy",
+        attach=policy.attach_policy,
+    )
+)

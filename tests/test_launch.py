@@ -37,6 +37,15 @@ RECIPES = {
         f"joint.trajectories={Path(__file__).parent / 'fixtures' / 'trajectories-sequential'}",
         "joint.val_windows=8",
     ],
+    "policy": [
+        "recipes/tiny/policy.yaml",
+        "policy.source.suite.tasks=[copy]",
+        "policy.gen_length=16",
+        "policy.block_length=16",
+        "policy.group_size=2",
+        "decode.gen_length=16",
+        "decode.block_length=16",
+    ],
 }
 
 
