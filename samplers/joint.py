@@ -284,7 +284,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     n_params = sum(p.numel() for p in sampler.parameters())
     n_base = sum(p.numel() for p in adapter.model.parameters())
     print(
-        f"joint: {len(train_records)} trajectories -> {len(train_windows)} windows, {len(val_records)} held out "
+        f"joint: {len(train_records)} trajectories -> {len(train_windows)} windows, held out by {j.val_by}: "
         f"({len(val) if val else 0} windows); sampler {n_params} parameters ({n_params / n_base:.1%} of the base)",
         flush=True,
     )
