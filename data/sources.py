@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dparallel.config import SuiteConfig
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 
 KINDS = ("auto", "suite", "jsonl", "csv", "parquet", "hf")
 CHECKERS = ("auto", "none", "exact", "last_number", "suite")
@@ -138,14 +138,14 @@ def _read_rows(path: Path, kind: str, split: str | None) -> tuple[list[dict], li
         try:
             table = pq.read_table(path)
         except Exception as e:
-            raise DParallelError(f"{path} cannot be read as parquet ({str(e).splitlines()[0]})") from None
+            raise DParallelError(f"{path} cannot be read as parquet ({first_line(e)})") from None
         return table.to_pylist(), table.column_names
     from datasets import DatasetDict, load_from_disk
 
     try:
         ds = load_from_disk(str(path))
     except Exception as e:
-        raise DParallelError(f"{path} is not a saved Hugging Face dataset ({str(e).splitlines()[0]})") from None
+        raise DParallelError(f"{path} is not a saved Hugging Face dataset ({first_line(e)})") from None
     if isinstance(ds, DatasetDict):
         names = list(ds)
         pick = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 from dparallel.io import atomic_write_json
 
 FORMAT = "dparallel.trajectories"
@@ -229,7 +229,7 @@ def load_shard(folder: Path, info: dict | None = None, verify: bool = True, agai
     try:
         ds = load_from_disk(str(folder))
     except Exception as e:  # arrow errors on a truncated file, a foreign folder ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DParallelError(f"{folder} cannot be read as a trajectory shard ({first})") from None
     missing = [c for c in ("prompt_ids", "tokens", "order", "steps", "meta") if c not in ds.column_names]
     require(not missing, f"{folder} is not a trajectory shard: it has no column(s) {', '.join(missing)}")

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 
 BUILTIN_PREFIX = "builtin:"
 MANIFEST = "dparallel.json"
@@ -182,11 +182,10 @@ class HiddenCapture:
         self.hidden = hidden
 
 
-def llama_layer_config(config, **shape):
-    """A one-layer ``LlamaConfig`` with the given shape, SDPA attention (takes a boolean mask; bidirectional)."""
-    from transformers import LlamaConfig
-
-    layer = LlamaConfig(num_hidden_layers=1, **shape)
+def one_layer_config(config_class: type, **shape):
+    """A one-layer ``config_class`` config with the given shape and SDPA attention (it takes a boolean mask, so the
+    layer runs bidirectionally)."""
+    layer = config_class(num_hidden_layers=1, **shape)
     layer._attn_implementation = "sdpa"
     return layer
 
@@ -271,10 +270,11 @@ class LLaDAAdapter(ModelAdapter):
     def sampler_layer_class(cls, config) -> tuple[type, type, object]:
         """LLaDA's block is a Llama block (RMSNorm, RoPE, SwiGLU) under OLMo names: a stock LlamaDecoderLayer
         with its shape (d_model, n_heads, n_kv_heads, mlp_hidden_size, rope_theta)."""
+        from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-        layer = llama_layer_config(
-            config,
+        layer = one_layer_config(
+            LlamaConfig,
             hidden_size=config.d_model,
             intermediate_size=config.mlp_hidden_size,
             num_attention_heads=config.n_heads,
@@ -304,7 +304,8 @@ class DreamAdapter(ModelAdapter):
         from transformers import Qwen2Config
         from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-        layer = Qwen2Config(
+        layer = one_layer_config(
+            Qwen2Config,
             hidden_size=config.hidden_size,
             intermediate_size=config.intermediate_size,
             num_attention_heads=config.num_attention_heads,
@@ -312,9 +313,7 @@ class DreamAdapter(ModelAdapter):
             rms_norm_eps=config.rms_norm_eps,
             max_position_embeddings=config.max_position_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 1e6))},
-            num_hidden_layers=1,
         )
-        layer._attn_implementation = "sdpa"
         return Qwen2DecoderLayer, Qwen2RotaryEmbedding, layer
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -375,7 +374,7 @@ def download(repo_id: str, revision: str | None) -> str:
     try:
         return snapshot_download(repo_id, revision=revision)
     except Exception as e:  # offline mode, no network, unknown repo, auth: one line, no traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DParallelError(
             f"cannot get {repo_id!r} from the Hub ({first}): pass a local folder, or go online"
         ) from None
@@ -411,7 +410,7 @@ def load_adapter(
         tokenizer = AutoTokenizer.from_pretrained(local, revision=revision, trust_remote_code=cls.trust_remote_code)
         model = cls.load_model(local, torch_dtype, revision)
     except OSError as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise DParallelError(f"cannot load model {path!r}: {first}") from None
     model = model.to(device).eval()
     ids = cls.default_ids(tokenizer)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dparallel.config import save_recipe
 from dparallel.engine.sampler import DecodeConfig
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 from dparallel.generator import Generator, load
 
 SPEC_ONLY = ("name", "reference")  # eval decoder keys that are not decoding options
@@ -155,7 +155,7 @@ def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool) -> No
         sweep_id = wandb.sweep(config, project=cfg.train.wandb_project)
     except Exception as e:  # offline, no login: the configuration is still on disk
         raise DParallelError(
-            f"wrote {run_dir / 'sweep.yaml'} but could not create the wandb sweep ({str(e).splitlines()[0]}): "
+            f"wrote {run_dir / 'sweep.yaml'} but could not create the wandb sweep ({first_line(e)}): "
             f"run `wandb sweep {run_dir / 'sweep.yaml'}` when online, or use --local"
         ) from None
     print(f"created sweep {sweep_id}; start agents with: wandb agent {cfg.train.wandb_project}/{sweep_id}")

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dparallel.adapters import MANIFEST, ModelAdapter, SpecialIds, read_manifest, resolve_path
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 from dparallel.io import atomic_write_json
 
 
@@ -46,7 +46,7 @@ def base_vocab_size(path: str, revision: str | None) -> int:
         try:
             file = Path(hf_hub_download(local, "config.json", revision=revision))
         except Exception as e:  # offline, unknown repo: one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise DParallelError(f"cannot read the config of base model {path!r} ({first})") from None
     require(file.is_file(), f"{file} not found: model.path must be a model folder")
     vocab = json.loads(file.read_text()).get("vocab_size")
@@ -107,7 +107,7 @@ def load_weights(folder: str | Path, kind: str, module: torch.nn.Module, manifes
     try:
         module.load_state_dict(load_file(str(file)))
     except RuntimeError as e:
-        raise DParallelError(f"{file} does not match its dparallel.json ({str(e).splitlines()[0]})") from None
+        raise DParallelError(f"{file} does not match its dparallel.json ({first_line(e)})") from None
     return module.eval()
 
 

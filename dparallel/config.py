@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from dparallel.bench import BenchConfig
 from dparallel.engine.sampler import DecodeConfig
-from dparallel.errors import DParallelError
+from dparallel.errors import DParallelError, first_line
 from dparallel.sweep import SweepConfig
 
 
@@ -181,7 +181,7 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> DictConfig:
         try:
             layers.append(OmegaConf.load(file))
         except Exception as e:  # yaml.YAMLError and friends: name the file, not a traceback
-            raise DParallelError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise DParallelError(f"recipe {path} is not valid YAML: {first_line(e)}") from None
         if "name" not in layers[0]:
             layers[0].name = file.stem
     for item in overrides:
@@ -202,7 +202,7 @@ def _describe(e: OmegaConfBaseException, schema: Any) -> str:
         name = str(e).split("'")[1] if "'" in str(e) else key
         full = key or name
         return f"unknown recipe key '{full}'{_suggest(full, schema)}: remove it or fix its spelling"
-    msg = str(e).splitlines()[0]
+    msg = first_line(e)
     return f"bad value for recipe key '{key}': {msg}"
 
 

@@ -13,3 +13,10 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DParallelError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DParallelError(message)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty): what a one-line error
+    quotes of a library's multi-line failure."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

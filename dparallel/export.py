@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dparallel.adapters import MANIFEST
-from dparallel.errors import DParallelError, require
+from dparallel.errors import DParallelError, first_line, require
 from dparallel.io import atomic_write_json, atomic_write_text
 from dparallel.methods import component_of
 
@@ -105,6 +105,6 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="dparallel export")
     except Exception as e:  # network, auth, offline mode: one line, the folder stays on disk
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise DParallelError(f"cannot push to {repo_id}: {first} (the export is kept at {folder})") from None
     return str(url)

@@ -70,3 +70,11 @@ def fresh_process_tokens(folder, prompts: list[str], **decode) -> list[list[int]
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """The embedded tiny teacher as a generator, loaded once per test module."""
+    import dparallel
+
+    return dparallel.load("builtin:tiny-teacher", device="cpu")

@@ -5,14 +5,8 @@ import pytest
 import torch
 from dparallel.data.suite import make_split
 
-import dparallel
 from dparallel.engine.cache import ContextCache
 from dparallel.errors import DParallelError
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return dparallel.load("builtin:tiny-teacher", device="cpu")
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])

@@ -43,17 +43,7 @@ SHAPE = dict(
 MASK = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return dparallel.load("builtin:tiny-teacher", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- labels and features -------------------------------------------------------------------------------------

@@ -29,17 +29,7 @@ GEN, BLOCK = 16, 8
 PROMPTS = ["copy: abcd\n", "list 3 colors:\n", "sort: dcba\n"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return dparallel.load("builtin:tiny-teacher", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- hidden states --------------------------------------------------------------------------------------------

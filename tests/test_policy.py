@@ -40,17 +40,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def teacher():
-    return dparallel.load("builtin:tiny-teacher", device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_policy(seed: int = 0, std: float = 2.0) -> UnmaskingPolicy:
