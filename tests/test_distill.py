@@ -1,5 +1,6 @@
 """Certainty-forcing distillation: masks, the loss (exact at any batch size), the data path and a tiny fit."""
 
+import json
 import sys
 from itertools import islice
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_dparallel, tiny_shape
+from conftest import fresh_process_tokens, run_dparallel, tiny_shape
 from omegaconf import OmegaConf
 
 import dparallel
@@ -23,6 +24,7 @@ from dparallel.distill import (
     certainty_forcing_terms,
 )
 from dparallel.errors import DParallelError
+from dparallel.export import export_run
 from dparallel.tiny import new_tiny_adapter, save_model_folder
 
 SHAPE = tiny_shape()
@@ -204,7 +206,7 @@ def test_missing_trajectory_reader_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_fit_three_steps_and_save_a_loadable_student(tmp_path, monkeypatch, lora):
+def test_fit_three_steps_then_export_and_load_the_student_in_a_fresh_process(tmp_path, monkeypatch, lora):
     adapter = tiny()
     save_model_folder(adapter, tmp_path / "base", dtype="float32")
     recs = records(adapter.tokenizer)
@@ -225,6 +227,10 @@ def test_fit_three_steps_and_save_a_loadable_student(tmp_path, monkeypatch, lora
     assert not (model_dir / "adapter_config.json").exists()  # LoRA merged into a plain model
     before, after = adapter.model.model.layers[0].self_attn.q_proj.weight, gen.adapter.model.model.layers[0]
     assert not torch.allclose(before, after.self_attn.q_proj.weight.float(), atol=1e-3)  # it trained
+    folder = export_run(run, tmp_path / "export")
+    assert json.loads((folder / "dparallel.json").read_text())["component"] == "student"
+    decode = {"rule": "entropy", "threshold": 0.5, "gen_length": 16, "block_length": 8}
+    assert fresh_process_tokens(folder, ["copy: ab\n"], **decode) == [out[0].tokens]
 
 
 def test_recipes_follow_the_paper(monkeypatch):

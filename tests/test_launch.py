@@ -27,6 +27,7 @@ RECIPES = {
     "filter": [
         "recipes/tiny/filter.yaml",
         f"filter.trajectories={FIXTURE}",
+        "filter.features=[conf,mask,step]",  # the fixture predates the entropy/margin columns
         "filter.block_length=8",
         "filter.val_fraction=0.25",
         "decode.gen_length=16",
