@@ -219,7 +219,7 @@ class UnmaskingPolicyModule(DParallelModule):
                 ref = self.reference(feats, roll["masked"], roll["time"]).gather(1, roll["window"]) / p.temperature
             kl = bernoulli_kl(logits.float(), ref.float(), roll["eligible"]).mean()
             loss = loss + p.kl_coef * kl
-            parts["kl"] = float(kl)
+            parts["kl"] = float(kl.detach())
         return loss, parts
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
