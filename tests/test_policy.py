@@ -179,7 +179,7 @@ def test_policy_loss_pinned_on_a_fixed_seed():
     steered, _ = policy_module(expert_steering=True, group_size=3).policy_loss(roll, adv)
     assert math.isclose(float(steered.detach()), -0.0281558, abs_tol=1e-6)
     with_kl, parts = policy_module(kl_coef=0.1).policy_loss(roll, adv)
-    assert abs(parts["kl"]) < 1e-9 and math.isclose(float(with_kl), float(loss), rel_tol=1e-6)  # at the start pi = pi_0
+    assert abs(parts["kl"]) < 1e-9 and math.isclose(with_kl.item(), loss.item(), rel_tol=1e-6)  # at the start pi = pi_0
 
 
 # ---- the rule ------------------------------------------------------------------------------------------------
