@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -285,13 +286,14 @@ class Sampler:
                     break
                 masked = canvas.x == mask_id
                 masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
-                hidden = None
-                if self.rule.needs_hidden:  # a forward hook on the LM head; other rules skip it entirely
-                    with self.adapter.capture_hidden() as captured:
-                        logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
-                    hidden = _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1])
-                else:
+                # a forward hook on the LM head for rules over hidden states; other rules skip it entirely
+                with self.adapter.capture_hidden() if self.rule.needs_hidden else nullcontext() as captured:
                     logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
+                hidden = (
+                    None
+                    if captured is None
+                    else _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1])
+                )
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
                 w = slice(lo - first, hi - first)
