@@ -20,7 +20,6 @@ token of the previous block, computed when that block was forwarded clean; it is
 from __future__ import annotations
 
 import torch
-from dparallel.ar2diff.masks import block_ids
 
 from dparallel.errors import require
 
@@ -43,14 +42,16 @@ class BlockCache:
 
     def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Logits [B, hi - lo, V] of the engine's window [lo, hi), aligned so row j predicts position lo + j."""
-        blocks = block_ids(x.shape[1], self.adapter.block_size, x.device)
+        # block_ids on the host (plain ints): the model block holding [lo, hi), without a device sync per step
+        size, length = self.adapter.block_size, x.shape[1]
+        shift = (-length) % size  # blocks are counted back from the sequence end (masks.block_ids)
+        block = (lo + shift) // size
         require(
-            bool(blocks[lo] == blocks[hi - 1]),
-            f"decoding block_length={hi - lo} must divide the model's block_size={self.adapter.block_size} "
+            (hi - 1 + shift) // size == block,
+            f"decoding block_length={hi - lo} must divide the model's block_size={size} "
             "(and gen_length must be a multiple of it)",
         )
-        in_block = (blocks == blocks[lo]).nonzero().squeeze(1)
-        b_lo, b_hi = int(in_block[0]), int(in_block[-1]) + 1
+        b_lo, b_hi = max(block * size - shift, 0), min((block + 1) * size - shift, length)
         start = self.cached
         raw, layers = self.adapter.forward_span(x, attn, start, b_hi, self.layers or None)
         if b_lo > start and self.adapter.shift_logits:

@@ -127,9 +127,8 @@ class JointRule(Marginal):
     def refresh(self, p: Proposal, window: torch.Tensor) -> torch.Tensor | None:
         ctx = p.context
         lo, hi = ctx.window
-        active = (window == self.adapter.ids.mask).any(dim=1)  # [B] rows with masks left in the block
-        if not bool(active.any()):
-            return None
+        # [B] rows with masks left in the block; finished rows ride along uncounted (no host sync per sub-step)
+        active = (window == self.adapter.ids.mask).any(dim=1)
         base = ctx.hidden[:, lo - ctx.first : hi - ctx.first]  # [B, W, H]
         previous = base if self._previous is None else self._previous
         positions = position_ids_from_mask(ctx.attention_mask)[:, lo:hi]

@@ -157,8 +157,10 @@ class PolicyRule(Rule):
         self.temperature, self.threshold, self.expert = temperature, threshold, expert
         self.rollout = Rollout() if record else None
         self.policy_calls = 0
-        self.chosen = 0.0  # bits the policy chose (before forcing) over eligible positions: the unmask rate
-        self.eligible = 0.0
+        # bits the policy chose (before forcing) over eligible positions: the unmask rate; device tensors, read once
+        # per rollout (no host sync per decoding step)
+        self.chosen = torch.zeros(())
+        self.eligible = torch.zeros(())
 
     def state(self, p: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(feats [B, L, F], masked [B, L], time [B]) of the answer canvas before this step's commits."""
@@ -192,8 +194,8 @@ class PolicyRule(Rule):
             action = (u < torch.sigmoid(window)) & eligible
         else:
             action = (torch.sigmoid(window) > self.threshold) & eligible
-        self.chosen += float(action.sum())
-        self.eligible += float(eligible.sum())
+        self.chosen = self.chosen.to(action.device) + action.sum()
+        self.eligible = self.eligible.to(action.device) + eligible.sum()
         forced = best_masked(window, eligible) & ~action.any(dim=1, keepdim=True)
         if self.rollout is not None:
             self._record(p, feats, masked, time, window, action, eligible)

@@ -177,7 +177,7 @@ class UnmaskingPolicyModule(DParallelModule):
             tokens.append(out.tolist())
             nfe += [s.nfe for s in stats]
             if mode == "sample":
-                rate.append(rule.chosen / max(rule.eligible, 1.0))
+                rate.append(float(rule.chosen) / max(float(rule.eligible), 1.0))
         self.policy.train()
         flat = {k: torch.cat([q[k] for q in parts]) for k in parts[0]}
         rows_ex = [e for e in examples for _ in range(p.group_size)] + (examples if expert is not None else [])
