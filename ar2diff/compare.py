@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dparallel.data.suite import GEN_LENGTH, TASKS
 from omegaconf import OmegaConf
 
 from dparallel.io import atomic_write_json, atomic_write_text
-
-TASKS = ["copy", "reverse", "sort", "add", "word", "distinct"]
 
 
 def block_decoders(block_size: int, gen_length: int, thresholds: list[float], sub_block: int | None) -> list[dict]:
@@ -74,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ar", required=True, help="the AR parent folder (family ar)")
     p.add_argument("--block", required=True, help="the converted folder (family block)")
     p.add_argument("--n", type=int, default=20, help="test examples per task")
-    p.add_argument("--gen-length", type=int, default=48)
+    p.add_argument("--gen-length", type=int, default=GEN_LENGTH)
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9])
     p.add_argument("--sub-block", type=int, default=None, help="also decode in sub-blocks of this size")
-    p.add_argument("--tasks", nargs="+", default=TASKS)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--batch-size", type=int, default=120, help="prompts per decoding batch (1: latency)")
     p.add_argument("--out", default="runs/compare")
     a = p.parse_args(argv)

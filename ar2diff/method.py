@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from dparallel.data.sft import SuiteBatches, collate, pad_answer
 from dparallel.data.sources import SourceConfig
+from dparallel.data.suite import TASKS
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -28,7 +29,7 @@ from dparallel.training import DParallelModule
 @dataclass
 class ARConfig:
     source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="suite"))  # suite, or jsonl/csv/hf
-    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort", "add", "word", "distinct"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     gen_lengths: list[int] = field(default_factory=lambda: [64])  # answer canvas per batch (EOS-padded)
     init: str = "pretrained"  # pretrained (model.path, read causally) | scratch (a fresh model from `tiny`)
     save_dtype: str = "bfloat16"

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from dparallel.ar2diff.masks import block_ids, training_mask
 from dparallel.data.sources import SourceConfig
+from dparallel.data.suite import TASKS
 
 from dparallel.adapters import position_ids_from_mask
 from dparallel.errors import require
@@ -41,7 +42,7 @@ CURRICULA = ("none", "grow", "jump")
 @dataclass
 class Ar2DiffConfig:
     source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="suite"))  # suite, or jsonl/csv/hf
-    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort", "add", "word", "distinct"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     gen_lengths: list[int] = field(default_factory=lambda: [64])  # answer canvas; a multiple of block_size
     block_size: int = 16  # attention block of the converted model (Fast-dLLM v2: 32)
     noise: str = "block"  # block (one t per block) | sample (one t per row)

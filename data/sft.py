@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterator
 
 import torch
-from dparallel.data.suite import make_example
+from dparallel.data.suite import make_example, validate_tasks
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dparallel.errors import require
@@ -60,7 +60,7 @@ class SuiteBatches(IterableDataset):
         world: int = 1,
         start_batch: int = 0,
     ):
-        require(len(tasks) > 0, "train on at least one task")
+        validate_tasks(tasks)
         self.tokenizer, self.tasks, self.batch_size = tokenizer, list(tasks), batch_size
         self.gen_lengths, self.eos_id, self.pad_id = list(gen_lengths), eos_id, pad_id
         self.seed, self.rank, self.world, self.start_batch = seed, rank, world, start_batch

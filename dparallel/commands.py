@@ -13,8 +13,6 @@ from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError, first_line, require
 from dparallel.generator import Generator, load
 
-SPEC_ONLY = ("name", "reference")  # eval decoder keys that are not decoding options
-
 
 def _run_dir(cfg: DictConfig) -> Path:
     run_dir = Path(cfg.run_dir)
@@ -80,9 +78,12 @@ def evaluate_recipe(cfg: DictConfig, generator: Generator | None = None) -> dict
 
 def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Generator | None = None) -> dict:
     """Evaluate ``model_path`` with the recipe's eval section; write eval.json/.md/pareto.png into ``run_dir``."""
-    from dparallel.evaluate import evaluate, write_report
+    from dparallel.data.suite import validate_tasks
+    from dparallel.evaluate import SPEC_ONLY, decoder_points, evaluate, write_report
+    from dparallel.frontier import frontier
 
-    for spec in cfg.eval.decoders:  # fail before loading any weights
+    validate_tasks(list(cfg.eval.suite.tasks))  # fail before loading any weights
+    for spec in cfg.eval.decoders:
         DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k not in SPEC_ONLY}).validate()
     generator = generator or load(
         model_path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg), revision=cfg.model.revision
@@ -90,7 +91,11 @@ def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Ge
     suite = cfg.eval.suite
     print(f"evaluating {model_path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)", flush=True)
     rows = evaluate(generator, cfg.eval)
-    report = write_report(run_dir, model_path, f"suite/{suite.split}", rows, plot=cfg.eval.plot)
+    points = decoder_points(cfg.eval, model_path)
+    section = None
+    if any(p["name"] == cfg.eval.reference for p in points):  # no reference decoder, no target to read at
+        section = frontier(rows, points, cfg.eval.reference, cfg.eval.margin, model_path)
+    report = write_report(run_dir, model_path, f"suite/{suite.split}", rows, section, plot=cfg.eval.plot)
     print(f"report: {run_dir / 'eval.md'}", flush=True)
     return report
 

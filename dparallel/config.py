@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dparallel.bench import BenchConfig
+from dparallel.data.suite import TASKS
 from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError, first_line
 from dparallel.sweep import SweepConfig
@@ -45,7 +46,7 @@ class TinyModelConfig:
 
 @dataclass
 class SuiteConfig:
-    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort", "add", "word", "distinct"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))  # suite tasks (default: all ten)
     split: str = "test"  # train | test | longer
     n_per_task: int = 50  # examples per task
     seed: int = 0
@@ -93,6 +94,8 @@ class DecoderSpec(DecodeConfig):
 
     name: str = "sequential"
     reference: str | None = None  # rule=oracle: the decoder (earlier in this list) whose outputs it replays
+    frontier: str | None = None  # the frontier family this decoder is a point of (default: its rule)
+    kind: str | None = None  # reference | heuristic | method | oracle (default: from the rule and eval.reference)
 
 
 @dataclass
@@ -100,6 +103,8 @@ class EvalConfig:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
     batch_size: int = 64
+    reference: str = "sequential"  # the decoder whose accuracy - margin is the frontier's target
+    margin: float = 0.01  # target = reference accuracy - margin
     plot: bool = True
     after_train: bool = False  # train: evaluate RUN_DIR/model with this section when training ends
 

@@ -3,72 +3,134 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.data.suite import is_correct, make_split
+from dparallel.data.suite import TASK_FAMILY, is_correct, make_split
+from dparallel.frontier import decoder_kind, frontier_table, wilson_interval
 from dparallel.generator import Generation, Generator
 from dparallel.io import atomic_write_json, atomic_write_text
 
-METRICS = ("accuracy", "nfe", "tpf", "tokens_per_s", "wall_s")
+METRICS = ("accuracy", "nfe", "tpf", "tokens_per_s", "wall_s", "fill")
+SPEC_ONLY = ("name", "reference", "frontier", "kind")  # eval decoder keys that are not decoding options
 
 
-def _row(decoder: str, task: str, gens: list[Generation], correct: list[bool], wall: float) -> dict:
+def _row(decoder: str, task: str, gens: list[Generation], correct: list[bool], wall: float, fill: float) -> dict:
     n = len(gens)
-    nfe = sum(g.stats.nfe for g in gens) / n
     answer_tokens = sum(g.stats.answer_tokens for g in gens)
     return {
         "decoder": decoder,
         "task": task,
+        "family": TASK_FAMILY[task],
         "n": n,
         "accuracy": sum(correct) / n,
-        "nfe": nfe,
+        "ci95": wilson_interval(sum(correct), n),
+        "nfe": sum(g.stats.nfe for g in gens) / n,
         "tpf": answer_tokens / max(1, sum(g.stats.nfe for g in gens)),
         "tokens_per_s": answer_tokens / wall if wall > 0 else 0.0,
         "wall_s": wall,
+        "fill": fill,
         "sampler_calls": sum(g.stats.sampler_calls for g in gens) / n,  # learned-layer calls beside the forwards
     }
 
 
+def _mean_row(decoder: str, task: str, family: str, rows: list[dict], gens: list[Generation], wall: float) -> dict:
+    """A macro row over ``rows`` (one per task): accuracy, NFE and fill are means over tasks (each task weighs the
+    same); tokens/s and sampler calls are over the decoded ``gens`` in ``wall`` seconds."""
+    row = {"decoder": decoder, "task": task, "family": family, "n": sum(r["n"] for r in rows)}
+    row.update({m: sum(r[m] for r in rows) / len(rows) for m in METRICS})
+    correct = sum(round(r["accuracy"] * r["n"]) for r in rows)
+    row["ci95"] = wilson_interval(correct, row["n"])
+    row["tokens_per_s"] = sum(g.stats.answer_tokens for g in gens) / wall if wall > 0 else 0.0
+    row["wall_s"] = wall
+    row["sampler_calls"] = sum(g.stats.sampler_calls for g in gens) / max(1, len(gens))
+    return row
+
+
 def evaluate(generator: Generator, eval_cfg: DictConfig, progress: bool = True) -> list[dict]:
-    """Decode the suite split with every decoder; one row per (decoder, task) plus a ``macro`` row per decoder."""
+    """Decode the suite split with every decoder. Rows: one per (decoder, task), one per (decoder, task family)
+    with ``task`` = the family's name, and one ``macro`` row per decoder."""
     suite = eval_cfg.suite
     examples = make_split(list(suite.tasks), suite.split, suite.n_per_task, suite.seed)
     prompts = [e.prompt for e in examples]
     ids = generator.adapter.encode(prompts)
+    answers = generator.adapter.tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
+    answer_len = [len(a) for a in answers]
     rows, outputs = [], {}
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
-        name, reference = spec.pop("name"), spec.pop("reference", None)
+        name, reference = spec["name"], spec.get("reference")
+        spec = {k: v for k, v in spec.items() if k not in SPEC_ONLY}
         start = time.perf_counter()
         replay = _oracle(outputs, reference) if spec.get("rule") == "oracle" else None
         gens = generator.generate_ids(prompts, ids, batch_size=eval_cfg.batch_size, rule_for_batch=replay, **spec)
         wall = time.perf_counter() - start
         outputs[name] = gens
-        per_task = []
-        for task in suite.tasks:
-            picked = [(g, e) for g, e in zip(gens, examples) if e.task == task]
-            g_task = [g for g, _ in picked]
-            correct = [is_correct(task, e.prompt, g.text) for g, e in picked]
-            share = wall * len(g_task) / len(gens)  # the batch's wall time split by rows
-            per_task.append(_row(name, task, g_task, correct, share))
-        rows += per_task
-        macro = {"decoder": name, "task": "macro", "n": sum(r["n"] for r in per_task)}
-        macro.update({m: sum(r[m] for r in per_task) / len(per_task) for m in METRICS})
-        macro["tokens_per_s"] = sum(g.stats.answer_tokens for g in gens) / wall
-        macro["wall_s"] = wall
-        macro["sampler_calls"] = sum(g.stats.sampler_calls for g in gens) / len(gens)
-        rows.append(macro)
+        gen_length = generator.decode_config(**spec).gen_length
+        warn_truncated(examples, answer_len, gen_length)
+        rows += _decoder_rows(name, examples, gens, answer_len, gen_length, wall)
         if progress:
+            macro = rows[-1]
             print(
-                f"  {name:<14} accuracy {macro['accuracy']:.3f}  NFE {macro['nfe']:.1f}  TPF {macro['tpf']:.2f}"
+                f"  {name:<16} accuracy {macro['accuracy']:.3f}  NFE {macro['nfe']:.1f}  TPF {macro['tpf']:.2f}"
                 f"  {macro['tokens_per_s']:.0f} tok/s  ({wall:.0f}s)",
                 flush=True,
             )
     return rows
+
+
+def warn_truncated(examples: list, answer_len: list[int], gen_length: int) -> None:
+    """One line on stderr per task whose reference answers do not fit the canvas: such rows score low for the
+    canvas, not the model."""
+    for task in dict.fromkeys(e.task for e in examples):
+        lengths = [n for n, e in zip(answer_len, examples) if e.task == task]
+        cut = sum(n > gen_length for n in lengths)
+        if cut:
+            print(
+                f"warning: gen_length={gen_length} truncates {cut / len(lengths):.0%} of {task}'s answers "
+                f"(longest {max(lengths)} tokens): use gen_length >= {max(lengths) + 1}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _decoder_rows(
+    name: str, examples: list, gens: list[Generation], answer_len: list[int], gen_length: int, wall: float
+) -> list[dict]:
+    """One decoder's rows: per task, per task family, then macro (last). ``fill`` = mean reference-answer tokens
+    / gen_length: how much of the canvas the task's answers take."""
+    per_task, picks = [], {}
+    for task in dict.fromkeys(e.task for e in examples):
+        idx = [i for i, e in enumerate(examples) if e.task == task]
+        picks[task] = [gens[i] for i in idx]
+        correct = [is_correct(task, examples[i].prompt, gens[i].text) for i in idx]
+        fill = sum(min(answer_len[i], gen_length) for i in idx) / len(idx) / gen_length
+        share = wall * len(idx) / len(gens)  # the batch's wall time split by rows
+        per_task.append(_row(name, task, picks[task], correct, share, fill))
+    families = []
+    for family in dict.fromkeys(r["family"] for r in per_task):
+        members = [r for r in per_task if r["family"] == family]
+        fam_gens = [g for r in members for g in picks[r["task"]]]
+        families.append(_mean_row(name, family, family, members, fam_gens, sum(r["wall_s"] for r in members)))
+    out = per_task + families + [_mean_row(name, "macro", "all", per_task, gens, wall)]
+    for r in out:
+        r["gen_length"] = gen_length
+    return out
+
+
+def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
+    """Each decoder's frontier family (``frontier``, default: its rule), kind and model, for :func:`frontier`."""
+    points = []
+    for spec in eval_cfg.decoders:
+        rule = spec.get("rule") or "topk"
+        kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind"))
+        family = spec.get("frontier") or (spec.name if kind == "reference" else rule)
+        points.append({"name": spec.name, "frontier": family, "kind": kind, "model": model})
+    return points
 
 
 def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
@@ -89,38 +151,63 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def write_report(run_dir: Path, model: str, suite: str, rows: list[dict], plot: bool = True) -> dict:
-    """Write eval.json, eval.md and (optionally) pareto.png into ``run_dir``; return the eval.json object."""
-    report = {"model": model, "suite": suite, "device": device_name(), "results": rows}
+def write_report(
+    run_dir: Path, model: str, suite: str, rows: list[dict], frontier_section: dict | None = None, plot: bool = True
+) -> dict:
+    """Write eval.json (rows and the ``frontier`` section), eval.md and (optionally) pareto.png into ``run_dir``;
+    return the eval.json object."""
+    report = {"model": model, "suite": suite, "device": device_name(), "results": rows, "frontier": frontier_section}
     atomic_write_json(run_dir / "eval.json", report)
-    atomic_write_text(run_dir / "eval.md", markdown_table(rows))
+    table = markdown_table(rows) + ("\n" + frontier_table(report) if frontier_section else "")
+    atomic_write_text(run_dir / "eval.md", table)
     if plot:
-        pareto_plot(rows, run_dir / "pareto.png")
+        per_task = [r for r in rows if r["task"] in TASK_FAMILY]
+        canvases = "/".join(str(g) for g in sorted({r["gen_length"] for r in per_task}))
+        title = f"{model} - {suite}, n={per_task[0]['n'] if per_task else 0} per task, gen_length {canvases}"
+        pareto_plot(rows, frontier_section, run_dir / "pareto.png", title)
     return report
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = "| decoder | task | n | accuracy | NFE | TPF | tokens/s | wall s |\n|---|---|---|---|---|---|---|---|\n"
+    head = (
+        "| decoder | task | family | n | accuracy | 95% CI | NFE | TPF | fill | tokens/s | wall s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
-        f"| {r['decoder']} | {r['task']} | {r['n']} | {r['accuracy']:.3f} | {r['nfe']:.1f} | {r['tpf']:.2f} "
+        f"| {r['decoder']} | {r['task']} | {r['family']} | {r['n']} | {r['accuracy']:.3f} "
+        f"| {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['nfe']:.1f} | {r['tpf']:.2f} | {r['fill']:.2f} "
         f"| {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} |\n"
         for r in rows
     )
     return head + body
 
 
-def pareto_plot(rows: list[dict], out: Path) -> None:
-    """Macro accuracy against mean NFE, one labelled point per decoder."""
+def pareto_plot(rows: list[dict], frontier_section: dict | None, out: Path, title: str = "") -> None:
+    """Macro accuracy against mean NFE: each frontier family a line through its points, the reference a star.
+    Without a frontier section, one labelled point per decoder."""
+    from matplotlib import ticker
+
     from dparallel.plots import new_figure, save_figure
 
-    macro = [r for r in rows if r["task"] == "macro"]
-    fig, axes = new_figure(5, 3.5)
+    macro = {r["decoder"]: r for r in rows if r["task"] == "macro"}
+    fig, axes = new_figure(6, 4)
     ax = axes[0, 0]
-    for r in macro:
-        ax.scatter(r["nfe"], r["accuracy"])
-        ax.annotate(r["decoder"], (r["nfe"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("NFE (full-model forwards per answer)")
+    families = frontier_section["families"] if frontier_section else {n: {"points": [{"decoder": n}]} for n in macro}
+    for name, fam in families.items():
+        pts = sorted((macro[p["decoder"]]["nfe"], macro[p["decoder"]]["accuracy"]) for p in fam["points"])
+        xs, ys = zip(*pts)
+        if fam.get("kind") == "reference":
+            ax.scatter(xs, ys, marker="*", s=140, color="black", zorder=3, label=name)
+        else:
+            ax.plot(xs, ys, marker="o", label=name)
+    if frontier_section:
+        ax.axhline(frontier_section["target"], color="gray", ls="--", lw=0.8, label="target")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.set_xlabel("NFE (full-model forwards per answer, log)")
     ax.set_ylabel("macro accuracy")
     ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save_figure(fig, out)

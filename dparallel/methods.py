@@ -71,7 +71,9 @@ def _build_pretrain(cfg: DictConfig, micro: int, start_batch: int):
 def _save_model(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
     from dparallel.tiny import save_model_folder
 
-    save_model_folder(module.adapter, out, dtype=cfg.pretrain.save_dtype, recipe=cfg)
+    # The recipe's canvas becomes the model's default, so generate() without options fits the answers it learned.
+    decoding = {"gen_length": cfg.decode.gen_length, "block_length": cfg.decode.block_length}
+    save_model_folder(module.adapter, out, dtype=cfg.pretrain.save_dtype, recipe=cfg, decoding=decoding)
 
 
 def _build_distill(cfg: DictConfig, micro: int, start_batch: int):

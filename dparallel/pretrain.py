@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dparallel.data.suite import GEN_LENGTH, TASKS
 from dparallel.training import DParallelModule
 
 
 @dataclass
 class PretrainConfig:
-    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort", "add", "word", "distinct"])
-    gen_lengths: list[int] = field(default_factory=lambda: [128])  # answer canvas per batch, drawn uniformly
+    tasks: list[str] = field(
+        default_factory=lambda: list(TASKS)
+    )  # suite tasks; one listed twice is drawn twice as often
+    gen_lengths: list[int] = field(default_factory=lambda: [GEN_LENGTH])  # answer canvas per batch, drawn uniformly
     eps: float = 1e-3  # smallest mask probability
     stratified: bool = True  # stratified t over the batch (low-discrepancy sampler)
     init: str = "scratch"  # scratch (a fresh tiny model from the `tiny` section) | pretrained (model.path)

@@ -40,10 +40,15 @@ def new_tiny_adapter(shape: DictConfig, seed: int = 0) -> TinyAdapter:
 
 
 def save_model_folder(
-    adapter: ModelAdapter, out: Path, dtype: str = "bfloat16", recipe: DictConfig | None = None, name: str | None = None
+    adapter: ModelAdapter,
+    out: Path,
+    dtype: str = "bfloat16",
+    recipe: DictConfig | None = None,
+    name: str | None = None,
+    decoding: dict | None = None,
 ) -> None:
-    """Save weights (safetensors, in ``dtype``), tokenizer and ``dparallel.json`` to ``out`` atomically: written to
-    a temporary sibling folder, then renamed into place."""
+    """Save weights (safetensors, in ``dtype``), tokenizer and ``dparallel.json`` (with ``decoding`` defaults, if
+    given) to ``out`` atomically: written to a temporary sibling folder, then renamed into place."""
     model = adapter.model
     if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights as a plain model
         model = model.merge_and_unload()
@@ -64,6 +69,7 @@ def save_model_folder(
                 "family": adapter.family,
                 "name": name or (recipe.name if recipe is not None else adapter.name),
                 "ids": adapter.ids.__dict__,
+                **({"decoding": decoding} if decoding else {}),
                 "recipe": OmegaConf.to_container(recipe) if recipe is not None else None,
             },
         )

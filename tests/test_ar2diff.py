@@ -138,22 +138,22 @@ def module_and_batch(*overrides, block_size=4):
     from dparallel.tiny import new_tiny_adapter
 
     cfg = load_recipe(
-        None, ["method=ar2diff", f"ar2diff.block_size={block_size}", "ar2diff.gen_lengths=[16]", *overrides]
+        None, ["method=ar2diff", f"ar2diff.block_size={block_size}", "ar2diff.gen_lengths=[32]", *overrides]
     )
     tiny = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=0)
     parent = ARAdapter(tiny.model, tiny.tokenizer, ARAdapter.default_ids(tiny.tokenizer))
     adapter = convert(parent, block_size, cfg.ar2diff.context_causal, cfg.ar2diff.token_shift)
-    batch = SuiteBatches(adapter.tokenizer, ["copy", "sort"], 3, [16], adapter.ids.eos, adapter.ids.pad).batch(0)
+    batch = SuiteBatches(adapter.tokenizer, ["copy", "sort"], 3, [32], adapter.ids.eos, adapter.ids.pad).batch(0)
     return BlockDiffusionModule(cfg, adapter), batch
 
 
 SWITCHES = {
-    "fast-dllm-v2": ([], 4.543132),
-    "single-copy": (["ar2diff.complementary=false"], 4.557449),
-    "sdar": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample", "ar2diff.token_shift=false"], 4.709060),
-    "bd3lm": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample"], 4.761793),
-    "nbdiff": (["ar2diff.context_causal=true", "ar2diff.ar_loss_weight=0.5"], 6.836644),
-    "efficient-dlm": (["ar2diff.token_shift=false", "ar2diff.position_slope=1.0"], 4.544207),
+    "fast-dllm-v2": ([], 4.573016),
+    "single-copy": (["ar2diff.complementary=false"], 4.561246),
+    "sdar": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample", "ar2diff.token_shift=false"], 4.926562),
+    "bd3lm": (["ar2diff.inverse_t_weight=true", "ar2diff.noise=sample"], 4.944294),
+    "nbdiff": (["ar2diff.context_causal=true", "ar2diff.ar_loss_weight=0.5"], 6.872647),
+    "efficient-dlm": (["ar2diff.token_shift=false", "ar2diff.position_slope=1.0"], 4.550550),
 }
 
 
@@ -220,7 +220,7 @@ def test_training_logits_of_a_block_equal_its_decoding_logits(one_thread, contex
     L = x.shape[1]
     blocks = block_ids(L, 4)
     noisy = x.clone()
-    noisy[:, -16:][torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) < 0.5] = mask_id
+    noisy[:, -32:][torch.rand(3, 32, generator=torch.Generator().manual_seed(0)) < 0.5] = mask_id
     pos = position_ids_from_mask(attn)
     with torch.no_grad():
         adapter.model.eval()
@@ -261,12 +261,12 @@ def pipeline(tmp_path_factory, one_thread):
     train(
         load_recipe(
             "recipes/tiny/ar.yaml",
-            [f"run_dir={root / 'ar'}", "ar.init=scratch", "ar.gen_lengths=[16]", "ar.tasks=[copy,sort]", *TINY, *STEPS],
+            [f"run_dir={root / 'ar'}", "ar.init=scratch", "ar.gen_lengths=[32]", "ar.tasks=[copy,sort]", *TINY, *STEPS],
         )
     )
     overrides = [
         f"run_dir={root / 'block'}", f"model.path={root / 'ar' / 'model'}", "ar2diff.block_size=8",
-        "ar2diff.gen_lengths=[16]", "ar2diff.tasks=[copy,sort]", "eval.after_train=false", "decode.gen_length=16",
+        "ar2diff.gen_lengths=[32]", "ar2diff.tasks=[copy,sort]", "eval.after_train=false", "decode.gen_length=32",
         "decode.block_length=8", *STEPS,
     ]  # fmt: skip
     train(load_recipe("recipes/tiny/ar2diff.yaml", overrides))

@@ -28,13 +28,13 @@ def test_cached_step_equals_full_forward_when_nothing_changed(teacher, mode):
 
 
 def test_caches_agree_with_uncached_decoding(teacher):
-    exs = make_split(["copy", "reverse", "add", "word"], "test", 3)
+    exs = make_split(["copy", "reverse", "sum", "chain"], "test", 3)
     prompts = [e.prompt for e in exs]
-    kw = dict(rule="confidence", threshold=0.9, gen_length=64, block_length=32, batch_size=12)
+    kw = dict(rule="confidence", threshold=0.9, gen_length=32, block_length=16, batch_size=12)
     exact = teacher.generate(prompts, **kw)
     for mode in ("prefix", "dual"):
         cached = teacher.generate(prompts, cache=mode, **kw)
-        agree = sum(a == b for x, y in zip(exact, cached) for a, b in zip(x.tokens, y.tokens)) / (64 * len(exs))
+        agree = sum(a == b for x, y in zip(exact, cached) for a, b in zip(x.tokens, y.tokens)) / (32 * len(exs))
         assert agree > 0.97, (mode, agree)
         # Refreshing at every step makes the cache exact: the same tokens as no cache.
         fresh = teacher.generate(prompts, cache=mode, cache_refresh=1, **kw)

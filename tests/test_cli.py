@@ -16,7 +16,7 @@ def test_recipe_merges_and_overrides(tmp_path):
     cfg = load_recipe("recipes/tiny/eval.yaml", ["eval.suite.n_per_task=3", f"run_dir={tmp_path}"])
     assert cfg.eval.suite.n_per_task == 3
     assert cfg.name == "eval" and cfg.model.path == TEACHER
-    assert [d.name for d in cfg.eval.decoders] == ["sequential", "confidence"]
+    assert [d.name for d in cfg.eval.decoders] == ["sequential", "confidence-0.9"]
     assert cfg.eval.decoders[1].threshold == 0.9
 
 
@@ -33,6 +33,25 @@ def test_wrong_type(capsys):
 def test_missing_recipe_file(capsys):
     code, _, err = run_cli(["eval", "recipes/tiny/nope.yaml"], capsys)
     assert_one_line_error(code, err, "recipes/tiny/nope.yaml", "not found")
+
+
+def test_unknown_task_and_empty_task_list(capsys):
+    code, _, err = run_cli(["eval", "recipes/tiny/eval.yaml", "eval.suite.tasks=[copy,add]"], capsys)
+    assert_one_line_error(code, err, "unknown task 'add'", "choose from copy, reverse")
+    code, _, err = run_cli(["eval", "recipes/tiny/eval.yaml", "eval.suite.tasks=[]"], capsys)
+    assert_one_line_error(code, err, "the task list is empty")
+
+
+def test_too_short_a_canvas_warns_with_the_truncated_share(capsys, tmp_path):
+    args = ["eval", "recipes/tiny/eval.yaml", f"run_dir={tmp_path}", "eval.suite.tasks=[copy,sum]"]
+    args += ["eval.suite.n_per_task=4", "eval.decoders=[{name: sequential, gen_length: 20, block_length: 20}]"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: gen_length=20 truncates 25% of copy's answers (longest 22 tokens): use gen_length >= 23",
+        "warning: gen_length=20 truncates 50% of sum's answers (longest 28 tokens): use gen_length >= 29",
+    ]
 
 
 def test_missing_checkpoint(capsys, tmp_path):

@@ -172,18 +172,36 @@ ORACLE_SETTINGS = {
 @pytest.mark.parametrize("name", ORACLE_SETTINGS)
 def test_topk_matches_llada_reference(tiny, name):
     options = ORACLE_SETTINGS[name]
-    ours, ref, order, ties = engine_and_oracle(tiny, PROMPTS, **options)
-    if name == "conf-eos-eot-inf-T0":
-        # Every EOS/EoT proposal gets confidence exactly 0, so LLaDA's own output rests on torch.topk's order
-        # among equal values; with ties broken lowest index first (the engine's rule) the rest is LLaDA's.
-        assert ties > 0
-        ref = engine_and_oracle(tiny, PROMPTS, topk=lowest_index_topk, **options)[1]
-    else:
-        assert ties == 0  # torch.topk never had to break a tie: the comparison below is exact LLaDA
+    ours, ref, order, ties = engine_and_oracle(tiny, PROMPTS, topk_ties="reference", **options)
+    # Every EOS/EoT proposal gets confidence exactly 0 there, so LLaDA's output rests on torch.topk's own order
+    # among equal values: topk_ties=reference makes the same call on the same row.
+    assert (ties > 0) == (name == "conf-eos-eot-inf-T0")
     assert ours == ref
     assert tiny.ids.mask not in sum(ours, [])
     steps = options.get("steps", options["gen_length"])
     assert order.min() == 0 and order.max() == steps - 1  # every position committed, at a step that ran
+
+
+def test_lowest_index_ties_match_llada_with_a_stable_topk(tiny):
+    """The default topk_ties=lowest_index (batch-invariant, no host sync) is LLaDA with equal values taken lowest
+    index first; it commits other positions than torch.topk where confidences tie."""
+    options = ORACLE_SETTINGS["conf-eos-eot-inf-T0"]
+    ours, ref, _, ties = engine_and_oracle(tiny, PROMPTS, topk=lowest_index_topk, **options)
+    assert ties > 0 and ours == ref
+    assert ours != engine_and_oracle(tiny, PROMPTS, topk_ties="reference", **options)[0]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(gen_length=32, block_length=32), dict(gen_length=32, block_length=8, steps=16), dict(gen_length=32, steps=8)],
+)
+def test_topk_matches_llada_verbatim_where_the_teacher_ties(teacher, options):
+    """A trained model's float32 confidences saturate at exactly 1.0: torch.topk breaks those ties its own way, and
+    topk_ties=reference reproduces LLaDA's generate (its own torch.topk call) token for token."""
+    prompts = teacher.encode(TEACHER_PROMPTS)
+    ours, ref, _, ties = engine_and_oracle(teacher, prompts, topk_ties="reference", **options)
+    assert ties > 0
+    assert ours == ref
 
 
 def test_oracle_options_change_the_output(tiny):
@@ -235,7 +253,7 @@ def test_generator_draws_equal_global_rng():
 
 
 # ---- batched == unbatched (left padding + attention mask) on the trained teacher ----------------------------------
-TEACHER_PROMPTS = ["reverse: hello\n", "add: 47+815\n", "sort: dcba\n"]
+TEACHER_PROMPTS = ["reverse: hello\n", "sum: 3 7 5\n", "shuffle: abcdefgh\n"]
 RULES = {
     "topk": dict(rule="topk"),
     "confidence": dict(rule="confidence", threshold=0.9),
@@ -307,6 +325,19 @@ def test_factor_rule(f, expected):
     commit = Factor(f).select(proposal([conf], [masked]))[0]
     best_first = [3, 5, 0, 4, 1]
     assert commit.nonzero().flatten().tolist() == sorted(best_first[:expected])
+
+
+def test_factor_fast_dllm_mode_commits_all_when_only_the_last_fails():
+    masked = [[1, 1, 1, 1]]
+    conf = [[0.99, 0.95, 0.9, 0.1]]  # f = 1: n=1..3 pass ((n+1)(1-c) = 0.02, 0.15, 0.4), n=4 fails
+    assert Factor(1.0).select(proposal(conf, masked)).int().tolist() == [[1, 1, 1, 0]]
+    assert Factor(1.0, "fast_dllm").select(proposal(conf, masked)).int().tolist() == [[1, 1, 1, 1]]
+    conf = [[0.99, 0.5, 0.4, 0.1]]  # fails at n=2 of 4: both modes keep the passing prefix
+    assert Factor(1.0, "fast_dllm").select(proposal(conf, masked)).int().tolist() == [[1, 0, 0, 0]]
+    conf = [[0.2, 0.1, 0.0, 0.0]]  # two masked, the first already fails: Fast-dLLM commits both
+    masked2 = [[1, 1, 0, 0]]
+    assert Factor(1.0).select(proposal(conf, masked2)).int().tolist() == [[1, 0, 0, 0]]
+    assert Factor(1.0, "fast_dllm").select(proposal(conf, masked2)).int().tolist() == [[1, 1, 0, 0]]
 
 
 def test_topk_schedule_and_selection():

@@ -18,11 +18,11 @@ TINY = [
     "tiny.num_attention_heads=2",
     "train.max_steps=2",
     "train.global_batch_size=4",
-    "pretrain.gen_lengths=[16]",
+    "pretrain.gen_lengths=[32]",
     "pretrain.tasks=[copy]",
     "train.num_workers=0",
     "decode.rule=confidence",
-    "decode.gen_length=16",
+    "decode.gen_length=32",
     "decode.block_length=8",
 ]
 PROMPTS = ["copy: abc\n", "copy: xy\n"]
@@ -39,7 +39,7 @@ def test_export_then_load_in_fresh_process_gives_same_tokens(run_dir, tmp_path, 
     before = [
         g.tokens
         for g in dparallel.load(str(run_dir / "model"), device="cpu").generate(
-            PROMPTS, rule="confidence", gen_length=16, block_length=8
+            PROMPTS, rule="confidence", gen_length=32, block_length=8
         )
     ]
     with pytest.raises(SystemExit) as exc:
@@ -49,7 +49,7 @@ def test_export_then_load_in_fresh_process_gives_same_tokens(run_dir, tmp_path, 
     assert manifest["component"] == "base" and manifest["family"] == "tiny" and manifest["method"] == "pretrain"
     assert manifest["decoding"]["rule"] == "confidence" and manifest["ids"]["mask"] == 1
     assert "## Load" in (tmp_path / "out" / "README.md").read_text()
-    # The exported folder's decoding defaults (confidence, gen 16, block 8) apply without arguments.
+    # The exported folder's decoding defaults (confidence, gen 32, block 8) apply without arguments.
     assert fresh_process_tokens(tmp_path / "out", PROMPTS) == before
 
 

@@ -273,7 +273,7 @@ def test_recipes_follow_the_paper():
     )
     assert (llada.decode.gen_length, llada.decode.block_length, list(llada.filter.features)) == (256, 32, ["conf"])
     tiny = load_recipe("recipes/tiny/filter.yaml")
-    assert (tiny.decode.gen_length, tiny.decode.block_length, tiny.filter.hidden) == (128, 32, 64)
+    assert (tiny.decode.gen_length, tiny.decode.block_length, tiny.filter.hidden) == (32, 32, 64)
     assert list(tiny.filter.features) == ["conf", "entropy", "margin", "mask", "step"]  # what docs/methods measured
     assert "record.features=true" in Path("recipes/tiny/filter.yaml").read_text().split("\nname:")[0]
 

@@ -226,7 +226,7 @@ def test_training_refuses_parallel_trajectories(tmp_path):
 def test_recipes():
     tiny = load_recipe("recipes/tiny/joint.yaml")
     assert (tiny.method, tiny.decode.rule, tiny.decode.k, tiny.decode.gen_length, tiny.decode.block_length) == (
-        "joint", "joint", 4, 128, 32,
+        "joint", "joint", 4, 32, 32,
     )  # fmt: skip
     for path in ("recipes/llada-8b/joint.yaml", "recipes/dream-7b/joint.yaml"):
         cfg = load_recipe(path)

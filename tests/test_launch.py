@@ -11,15 +11,15 @@ RECIPES = {
     "teacher": [
         "recipes/tiny/teacher.yaml",
         *TINY,
-        "pretrain.gen_lengths=[16]",
+        "pretrain.gen_lengths=[32]",
         "pretrain.tasks=[copy]",
         "train.num_workers=0",
     ],
-    "ar": ["recipes/tiny/ar.yaml", *TINY, "ar.init=scratch", "ar.gen_lengths=[16]", "ar.tasks=[copy]"],
+    "ar": ["recipes/tiny/ar.yaml", *TINY, "ar.init=scratch", "ar.gen_lengths=[32]", "ar.tasks=[copy]"],
     "ar2diff": [
         "recipes/tiny/ar2diff.yaml",
         "model.path=builtin:tiny-teacher",  # the teacher's weights read as an AR parent: no parent run needed
-        "ar2diff.gen_lengths=[16]",
+        "ar2diff.gen_lengths=[32]",
         "ar2diff.tasks=[copy]",
         "ar2diff.block_size=8",
         "eval.after_train=false",
@@ -30,7 +30,7 @@ RECIPES = {
         "filter.features=[conf,mask,step]",  # the fixture predates the entropy/margin columns
         "filter.block_length=8",
         "filter.val_fraction=0.25",
-        "decode.gen_length=16",
+        "decode.gen_length=32",
         "decode.block_length=8",
     ],
     "joint": [
@@ -44,7 +44,7 @@ RECIPES = {
         "policy.gen_length=16",
         "policy.block_length=16",
         "policy.group_size=2",
-        "decode.gen_length=16",
+        "decode.gen_length=32",
         "decode.block_length=16",
     ],
 }

@@ -37,11 +37,11 @@ def test_mdlm_loss_weights_by_inverse_mask_ratio_and_answer_length():
 
 def test_suite_batches_are_reproducible_and_rank_disjoint():
     tok = build_char_tokenizer()
-    a = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
-    b = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
-    c = SuiteBatches(tok, ["copy", "add"], 4, [64], eos_id=2, pad_id=0, rank=1, world=2).batch(3)
+    a = SuiteBatches(tok, ["copy", "sum"], 4, [32], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
+    b = SuiteBatches(tok, ["copy", "sum"], 4, [32], eos_id=2, pad_id=0, rank=0, world=2).batch(3)
+    c = SuiteBatches(tok, ["copy", "sum"], 4, [32], eos_id=2, pad_id=0, rank=1, world=2).batch(3)
     assert torch.equal(a["input_ids"], b["input_ids"])
-    assert not torch.equal(a["input_ids"][:, -64:], c["input_ids"][:, -64:])
+    assert not torch.equal(a["input_ids"][:, -32:], c["input_ids"][:, -32:])
     assert (a["input_ids"][:, -1] == 2).all()  # the canvas ends in EOS padding
 
 
@@ -51,7 +51,7 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
         "train.max_steps=3",
         "train.global_batch_size=4",
         "train.log_every=1",
-        "pretrain.gen_lengths=[16]",
+        "pretrain.gen_lengths=[32]",
         "pretrain.tasks=[copy,reverse]",
         "train.checkpoint_every=2",
         *TINY,
@@ -60,10 +60,11 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     model_dir = train(cfg)
     rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
     first_loss = float(rows[1].split(",")[2])
-    assert abs(first_loss - 4.5024) < 1e-3, first_loss  # fixed seed: a change to data, masking or loss moves it
+    assert abs(first_loss - 4.4246) < 1e-3, first_loss  # fixed seed: a change to data, masking or loss moves it
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
     gen = dparallel.load(str(model_dir), device="cpu")
     assert gen.adapter.family == "tiny" and gen.adapter.ids.mask == 1
+    assert gen.defaults == {"gen_length": 32, "block_length": 32}  # the recipe's canvas, from dparallel.json
     out = gen.generate(["copy: ab\n"], rule="confidence", gen_length=8, block_length=8)
     assert len(out[0].tokens) == 8
 

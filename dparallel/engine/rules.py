@@ -17,6 +17,8 @@ import torch
 from dparallel.errors import DParallelError, require
 
 NEG_INF = float("-inf")
+TOPK_TIES = ("reference", "lowest_index")
+FACTOR_MODES = ("paper", "fast_dllm")
 
 
 @dataclass
@@ -141,9 +143,10 @@ class TopK(Rule):
 
     name = "topk"
 
-    def __init__(self, steps: int, num_blocks: int):
+    def __init__(self, steps: int, num_blocks: int, ties: str = "lowest_index"):
         require(steps % num_blocks == 0, f"steps={steps} must be a multiple of the number of blocks {num_blocks}")
         self.steps = steps // num_blocks
+        self.ties = ties
         self.schedule: torch.Tensor | None = None
 
     def steps_per_block(self, block_length: int) -> int:
@@ -161,8 +164,26 @@ class TopK(Rule):
 
     def select(self, p: Proposal) -> torch.Tensor:
         k = self.schedule[:, p.step : p.step + 1]
-        # rank masked positions only (an unmasked score must not use up k); equal scores: lowest index first
-        return (rank_in_row(p.confidence.masked_fill(~p.masked, NEG_INF)) < k) & p.masked
+        # rank masked positions only (an unmasked score must not use up k)
+        conf = p.confidence.masked_fill(~p.masked, NEG_INF)
+        if self.ties == "reference" and p.context is not None:
+            return reference_topk(conf, k, p.context) & p.masked
+        return (rank_in_row(conf) < k) & p.masked  # equal scores: lowest index first, no host sync
+
+
+def reference_topk(conf: torch.Tensor, k: torch.Tensor, context: StepContext) -> torch.Tensor:
+    """LLaDA's selection verbatim. conf: [B, W] (-inf off the masked positions), k: [B, 1]. Per row, ``torch.topk``
+    over the whole sequence row [L] (-inf outside the window) with that row's k, as LLaDA's ``generate`` calls it:
+    torch.topk orders equal values by its own rule (it depends on the row's length and the device), and a trained
+    model's float32 confidences saturate at exactly 1.0, so only the same call on the same row commits the same
+    positions when confidences tie. Costs one host sync per step (each k as a Python int)."""
+    lo, hi = context.window
+    full = conf.new_full((conf.shape[0], context.x.shape[1]), NEG_INF)  # [B, L]
+    full[:, lo:hi] = conf
+    commit = torch.zeros_like(full, dtype=torch.bool)
+    for row, count in enumerate(k.flatten().tolist()):
+        commit[row, torch.topk(full[row], count).indices] = True
+    return commit[:, lo:hi]
 
 
 class Confidence(Rule):
@@ -197,8 +218,8 @@ class Factor(Rule):
 
     name = "factor"
 
-    def __init__(self, factor: float):
-        self.factor = factor
+    def __init__(self, factor: float, mode: str = "paper"):
+        self.factor, self.mode = factor, mode
 
     def select(self, p: Proposal) -> torch.Tensor:
         conf = p.confidence.masked_fill(~p.masked, NEG_INF)
@@ -206,6 +227,11 @@ class Factor(Rule):
         n = torch.arange(1, conf.shape[1] + 1, device=conf.device)[None, :]
         ok = ((n + 1) * (1 - ordered) <= self.factor) & torch.isfinite(ordered)
         keep = ok.long().cumprod(dim=1).sum(dim=1, keepdim=True).clamp(min=1)  # longest passing prefix, >= 1
+        if self.mode == "fast_dllm":
+            # Fast-dLLM's code (get_transfer_index_dynamic): when the first failing candidate is the last of the
+            # N masked ones (keep == N - 1), it commits all N anyway.
+            masked = p.masked.sum(dim=1, keepdim=True)
+            keep = torch.where((keep == masked - 1) & (masked > 1), masked, keep)
         return (rank_in_row(conf) < keep) & p.masked
 
 
@@ -246,10 +272,20 @@ class Marginal(Rule):
         return commit
 
 
-def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, factor: float, k: int = 1) -> Rule:
+def build_rule(
+    name: str,
+    *,
+    steps: int,
+    num_blocks: int,
+    threshold: float,
+    factor: float,
+    k: int = 1,
+    factor_mode: str = "paper",
+    topk_ties: str = "lowest_index",
+) -> Rule:
     """Construct a built-in rule from decoding options (components register further rules in the engine)."""
     if name == "topk":
-        return TopK(steps, num_blocks)
+        return TopK(steps, num_blocks, topk_ties)
     if name == "confidence":
         require(0.0 < threshold <= 1.0, f"confidence threshold {threshold} must be in (0, 1]")
         return Confidence(threshold)
@@ -258,7 +294,7 @@ def build_rule(name: str, *, steps: int, num_blocks: int, threshold: float, fact
         return Entropy(threshold)
     if name == "factor":
         require(factor > 0.0 and math.isfinite(factor), f"factor {factor} must be a positive number")
-        return Factor(factor)
+        return Factor(factor, factor_mode)
     if name == "marginal":
         return Marginal(k)
     raise DParallelError(

@@ -16,7 +16,7 @@ import torch
 
 from dparallel.adapters import ModelAdapter
 from dparallel.engine.cache import CACHE_MODES, ContextCache, build_cache
-from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule, token_statistics
+from dparallel.engine.rules import FACTOR_MODES, NEG_INF, TOPK_TIES, Proposal, Rule, StepContext, build_rule, token_statistics
 from dparallel.errors import require
 
 EOT_STOP = ("none", "accepted", "any")
@@ -27,7 +27,7 @@ class DecodeConfig:
     """Decoding options. Names follow LLaDA's ``generate`` where it has one."""
 
     rule: str = "topk"  # topk | confidence | entropy | factor (| filter with a loaded filter component)
-    gen_length: int = 128  # canvas length (answer tokens) per prompt
+    gen_length: int = 32  # canvas length (answer tokens) per prompt; 32 fits every answer of the embedded suite
     block_length: int = 32  # semi-AR block; gen_length must be a multiple of it
     steps: int | None = None  # topk: total steps over the canvas (default gen_length: one token per step)
     temperature: float = 0.0  # Gumbel-max sampling temperature (0 = argmax)
@@ -35,6 +35,8 @@ class DecodeConfig:
     cfg_scale: float = 0.0  # classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`
     threshold: float = 0.9  # confidence: probability >= tau; entropy: nats < threshold
     factor: float = 1.0  # factor rule's f
+    factor_mode: str = "paper"  # paper: longest prefix with (n+1)(1-c_n) <= f | fast_dllm: also commits c_N alone failing
+    topk_ties: str = "lowest_index"  # lowest_index: batch-invariant, no sync | reference: LLaDA's torch.topk order
     logits_eos_inf: bool = False  # never propose EOS
     confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
     seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
@@ -57,6 +59,10 @@ class DecodeConfig:
         require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0")
         require(self.cache in CACHE_MODES, f"cache={self.cache!r}: choose from {', '.join(CACHE_MODES)}")
         require(self.cache == "none" or self.cfg_scale <= 0, "cfg_scale > 0 needs cache=none")
+        require(
+            self.factor_mode in FACTOR_MODES, f"factor_mode={self.factor_mode!r}: choose from {', '.join(FACTOR_MODES)}"
+        )
+        require(self.topk_ties in TOPK_TIES, f"topk_ties={self.topk_ties!r}: choose from {', '.join(TOPK_TIES)}")
         require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
         require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
         require(
@@ -176,6 +182,8 @@ class Sampler:
             threshold=config.threshold,
             factor=config.factor,
             k=config.k,
+            factor_mode=config.factor_mode,
+            topk_ties=config.topk_ties,
         )
 
     # ---- one model call ------------------------------------------------------------------------------------
