@@ -31,20 +31,23 @@ def train(cfg: DictConfig) -> Path:
     import lightning as L
 
     from dparallel.methods import METHODS
-    from dparallel.training import build_trainer, micro_batch, resume_point
+    from dparallel.training import build_trainer, check_resume, micro_batch, resume_point
 
     require(cfg.method in METHODS, f"method={cfg.method!r} is not a training method: use one of {', '.join(METHODS)}")
     method = METHODS[cfg.method]
     run_dir = _run_dir(cfg)
-    if _is_rank_zero():
-        save_recipe(cfg, run_dir)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     micro, accumulate = micro_batch(cfg)
     ckpt, done_steps = resume_point(run_dir)
     start_batch = done_steps * accumulate
-    if ckpt is not None:
-        print(f"resuming from {ckpt} (step {done_steps})", flush=True)
+    if ckpt is not None:  # before config.yaml is overwritten: it names the recipe the run started with
+        check_resume(run_dir, cfg, ckpt)
     module, loader = method.build(cfg, micro, start_batch)
+    if ckpt is not None:
+        check_resume(run_dir, cfg, ckpt, module)
+        print(f"resuming from {ckpt} (step {done_steps})", flush=True)
+    if _is_rank_zero():
+        save_recipe(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)

@@ -153,6 +153,54 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     )
 
 
+# Sections whose keys never change what a checkpoint holds: a resume may change them freely (more steps, another
+# eval, another run folder). Every other key may shape the model or the method, and is compared on resume.
+RESUMABLE_SECTIONS = ("name", "run_dir", "train", "eval", "decode", "bench", "sweep", "quickstart")
+
+
+def changed_keys(old: DictConfig, new: DictConfig) -> list[str]:
+    """Dotted recipe keys outside :data:`RESUMABLE_SECTIONS` whose values differ between two resolved recipes."""
+    from omegaconf import OmegaConf
+
+    def flat(node, prefix: str = "") -> dict[str, object]:
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    a, b = flat(OmegaConf.to_container(old)), flat(OmegaConf.to_container(new))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return [k for k in keys if k.split(".")[0] not in RESUMABLE_SECTIONS]
+
+
+def check_resume(run_dir: Path, cfg: DictConfig, ckpt: str, module: torch.nn.Module | None = None) -> None:
+    """Refuse, in one line, to resume RUN_DIR's checkpoint under a recipe that changes the method (checked before
+    the module is built) or the shape of what is trained (checked against ``module``, once built). The run
+    folder's config.yaml names the recipe the run was started with."""
+    from omegaconf import OmegaConf
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    old = OmegaConf.load(saved)
+    fix = f"use another run_dir, or delete {run_dir / 'checkpoints'} to start over"
+    require(
+        old.get("method") == cfg.method,
+        f"{run_dir} holds a {old.get('method')!r} run; this recipe trains {cfg.method!r}: {fix}",
+    )
+    if module is None:
+        return
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["state_dict"]
+    current = module.state_dict()
+    differ = sorted(k for k in current.keys() & state.keys() if current[k].shape != state[k].shape)
+    differ += sorted(current.keys() ^ state.keys())
+    if differ:
+        keys = changed_keys(old, cfg)
+        raise DParallelError(
+            f"cannot resume {ckpt}: the recipe changed {', '.join(keys) or 'the model'} since the run started "
+            f"({len(differ)} tensors differ, e.g. {differ[0]}): {fix}"
+        )
+
+
 def resume_point(run_dir: Path) -> tuple[str | None, int]:
     """(RUN_DIR/checkpoints/last.ckpt, its global step) when a killed run left one, so ``train`` resumes instead of
     restarting; (None, 0) otherwise. The checkpoint is read once (memory-mapped); a corrupt one is a clear error."""

@@ -233,6 +233,34 @@ def test_fit_three_steps_then_export_and_load_the_student_in_a_fresh_process(tmp
     assert fresh_process_tokens(folder, ["copy: ab\n"], **decode) == [out[0].tokens]
 
 
+def test_a_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path, monkeypatch):
+    """Stopped after 2 of 4 steps (the checkpoint a kill leaves) and rerun: the same 4 losses as a run that never
+    stopped (the data order resumes by batch index, the optimizer and schedule from the checkpoint)."""
+    import csv
+
+    adapter = tiny()
+    save_model_folder(adapter, tmp_path / "base", dtype="float32")
+    recs = records(adapter.tokenizer) * 2
+    monkeypatch.setattr(distill, "load_records", lambda *a, **k: recs)
+
+    def fit(run, steps):
+        train(
+            recipe(
+                f"run_dir={run}", f"model.path={tmp_path / 'base'}", "model.device=cpu", f"train.max_steps={steps}",
+                "train.global_batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.lr=1e-2",
+                "train.schedule_steps=4",
+            )  # fmt: skip
+        )
+        logs = sorted((run / "logs").glob("version_*/metrics.csv"))
+        return [float(r["train/loss"]) for log in logs for r in csv.DictReader(log.open()) if r.get("train/loss")]
+
+    whole = fit(tmp_path / "whole", 4)
+    fit(tmp_path / "killed", 2)
+    resumed = fit(tmp_path / "killed", 4)
+    assert len(whole) == 4 and whole[0] != whole[-1]
+    assert resumed == pytest.approx(whole, abs=1e-6)
+
+
 def test_recipes_follow_the_paper(monkeypatch):
     llada = load_recipe("recipes/llada-8b/distill.yaml")
     assert set(llada.lora.targets) == set(LLaDAAdapter.lora_targets) and llada.lora.r == llada.lora.alpha == 128

@@ -76,6 +76,22 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     assert (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines() == rows  # kept
 
 
+def test_resume_with_a_changed_recipe_is_refused_in_one_line(tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    base = ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path}", "train.max_steps=1", *TINY]
+    base += ["train.global_batch_size=2", "pretrain.tasks=[copy]", "train.num_workers=0"]
+    assert run_cli(base, capsys)[0] in (0, None)
+    saved = (tmp_path / "config.yaml").read_text()
+    code, _, err = run_cli([*base, "train.max_steps=2", "tiny.hidden_size=16"], capsys)
+    assert_one_line_error(code, err, "cannot resume", "the recipe changed tiny.hidden_size", "use another run_dir")
+    code, _, err = run_cli([*base, "method=ar", "train.max_steps=2"], capsys)
+    assert_one_line_error(code, err, "holds a 'pretrain' run; this recipe trains 'ar'")
+    assert (tmp_path / "config.yaml").read_text() == saved  # the refused reruns left the run's recipe alone
+    # more steps, another lr: the same model, so the run resumes
+    assert run_cli([*base, "train.max_steps=2", "train.lr=1e-4"], capsys)[0] in (0, None)
+
+
 def test_shipped_teacher_solves_pinned_prompts():
     gen = dparallel.load("builtin:tiny-teacher", device="cpu")
     prompts = ["reverse: hello\n", "add: 4700+3215\n", "sort: dcba\n"]
