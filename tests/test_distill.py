@@ -246,8 +246,14 @@ def test_a_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path, monkeypa
     def fit(run, steps):
         train(
             recipe(
-                f"run_dir={run}", f"model.path={tmp_path / 'base'}", "model.device=cpu", f"train.max_steps={steps}",
-                "train.global_batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.lr=1e-2",
+                f"run_dir={run}",
+                f"model.path={tmp_path / 'base'}",
+                "model.device=cpu",
+                f"train.max_steps={steps}",
+                "train.global_batch_size=2",
+                "train.log_every=1",
+                "train.warmup_steps=1",
+                "train.lr=1e-2",
                 "train.schedule_steps=4",
             )  # fmt: skip
         )

@@ -16,7 +16,16 @@ import torch
 
 from dparallel.adapters import ModelAdapter
 from dparallel.engine.cache import CACHE_MODES, ContextCache, build_cache
-from dparallel.engine.rules import FACTOR_MODES, NEG_INF, TOPK_TIES, Proposal, Rule, StepContext, build_rule, token_statistics
+from dparallel.engine.rules import (
+    FACTOR_MODES,
+    NEG_INF,
+    TOPK_TIES,
+    Proposal,
+    Rule,
+    StepContext,
+    build_rule,
+    token_statistics,
+)
 from dparallel.errors import require
 
 EOT_STOP = ("none", "accepted", "any")
@@ -35,7 +44,7 @@ class DecodeConfig:
     cfg_scale: float = 0.0  # classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`
     threshold: float = 0.9  # confidence: probability >= tau; entropy: nats < threshold
     factor: float = 1.0  # factor rule's f
-    factor_mode: str = "paper"  # paper: longest prefix with (n+1)(1-c_n) <= f | fast_dllm: also commits c_N alone failing
+    factor_mode: str = "paper"  # paper: the longest prefix with (n+1)(1-c_n) <= f | fast_dllm: Fast-dLLM's code
     topk_ties: str = "lowest_index"  # lowest_index: batch-invariant, no sync | reference: LLaDA's torch.topk order
     logits_eos_inf: bool = False  # never propose EOS
     confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
