@@ -93,7 +93,11 @@ def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Ge
     )
     suite = cfg.eval.suite
     print(f"evaluating {model_path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)", flush=True)
-    rows = evaluate(generator, cfg.eval)
+
+    def load_model(path: str) -> Generator:
+        return load(path, device=cfg.model.device, dtype=_dtype(cfg))
+
+    rows = evaluate(generator, cfg.eval, load_model=load_model)
     points = decoder_points(cfg.eval, model_path)
     section = None
     if any(p["name"] == cfg.eval.reference for p in points):  # no reference decoder, no target to read at

@@ -96,6 +96,7 @@ class DecoderSpec(DecodeConfig):
     reference: str | None = None  # rule=oracle: the decoder (earlier in this list) whose outputs it replays
     frontier: str | None = None  # the frontier family this decoder is a point of (default: its rule)
     kind: str | None = None  # reference | heuristic | method | oracle (default: from the rule and eval.reference)
+    model: str | None = None  # decode with this model (a student, a component folder) instead of model.path
 
 
 @dataclass

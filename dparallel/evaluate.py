@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dparallel.data.suite import TASK_FAMILY, is_correct, make_split
+from dparallel.errors import require
 from dparallel.frontier import decoder_kind, frontier_table, wilson_interval
 from dparallel.generator import Generation, Generator
 from dparallel.io import atomic_write_json, atomic_write_text
 
 METRICS = ("accuracy", "nfe", "tpf", "tokens_per_s", "wall_s", "fill")
-SPEC_ONLY = ("name", "reference", "frontier", "kind")  # eval decoder keys that are not decoding options
+SPEC_ONLY = ("name", "reference", "frontier", "kind", "model")  # eval decoder keys that are not decoding options
 
 
 def _row(decoder: str, task: str, gens: list[Generation], correct: list[bool], wall: float, fill: float) -> dict:
@@ -51,26 +53,42 @@ def _mean_row(decoder: str, task: str, family: str, rows: list[dict], gens: list
     return row
 
 
-def evaluate(generator: Generator, eval_cfg: DictConfig, progress: bool = True) -> list[dict]:
+def evaluate(
+    generator: Generator,
+    eval_cfg: DictConfig,
+    progress: bool = True,
+    load_model: Callable[[str], Generator] | None = None,
+) -> list[dict]:
     """Decode the suite split with every decoder. Rows: one per (decoder, task), one per (decoder, task family)
-    with ``task`` = the family's name, and one ``macro`` row per decoder."""
+    with ``task`` = the family's name, and one ``macro`` row per decoder.
+
+    A decoder spec with ``model`` decodes with that model instead (a student, a component folder), loaded once by
+    ``load_model``: the teacher's heuristics and a method's points then share one run and the same prompts."""
     suite = eval_cfg.suite
     examples = make_split(list(suite.tasks), suite.split, suite.n_per_task, suite.seed)
     prompts = [e.prompt for e in examples]
-    ids = generator.adapter.encode(prompts)
     answers = generator.adapter.tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
     answer_len = [len(a) for a in answers]
+    generators: dict[str | None, Generator] = {None: generator}
+    ids: dict[str | None, list[list[int]]] = {}
     rows, outputs = [], {}
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
-        name, reference = spec["name"], spec.get("reference")
+        name, reference, model = spec["name"], spec.get("reference"), spec.get("model")
         spec = {k: v for k, v in spec.items() if k not in SPEC_ONLY}
+        if model not in generators:
+            require(load_model is not None, f"decoder {name} names model={model!r}: evaluate it through `eval`")
+            generators[model] = load_model(model)
+        gen_model = generators[model]
+        ids.setdefault(model, gen_model.adapter.encode(prompts))
         start = time.perf_counter()
         replay = _oracle(outputs, reference) if spec.get("rule") == "oracle" else None
-        gens = generator.generate_ids(prompts, ids, batch_size=eval_cfg.batch_size, rule_for_batch=replay, **spec)
+        gens = gen_model.generate_ids(
+            prompts, ids[model], batch_size=eval_cfg.batch_size, rule_for_batch=replay, **spec
+        )
         wall = time.perf_counter() - start
         outputs[name] = gens
-        gen_length = generator.decode_config(**spec).gen_length
+        gen_length = gen_model.decode_config(**spec).gen_length
         warn_truncated(examples, answer_len, gen_length)
         rows += _decoder_rows(name, examples, gens, answer_len, gen_length, wall)
         if progress:
@@ -123,20 +141,21 @@ def _decoder_rows(
 
 
 def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
-    """Each decoder's frontier family (``frontier``, default: its rule), kind and model, for :func:`frontier`."""
+    """Each decoder's frontier family, kind and model, for :func:`~dparallel.frontier.frontier`. Defaults: the
+    family is the rule (``RULE@MODEL`` for a decoder on another model than the eval's), the kind follows the rule
+    (a decoder on another model is a ``method`` point), the reference decoder is its own family."""
     points = []
     for spec in eval_cfg.decoders:
-        rule = spec.get("rule") or "topk"
-        kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind"))
-        family = spec.get("frontier") or (spec.name if kind == "reference" else rule)
-        points.append({"name": spec.name, "frontier": family, "kind": kind, "model": model})
+        rule, other = spec.get("rule") or "topk", spec.get("model")
+        kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind") or ("method" if other else None))
+        family = spec.get("frontier") or (spec.name if kind == "reference" else f"{rule}@{other}" if other else rule)
+        points.append({"name": spec.name, "frontier": family, "kind": kind, "model": other or model})
     return points
 
 
 def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
     """Learn2PD's oracle replay of an earlier decoder's outputs in this eval: its NFE is the ceiling a filter
     trained on that decoder's trajectories can reach."""
-    from dparallel.errors import require
     from dparallel.filters.learn2pd import OracleRule
 
     require(

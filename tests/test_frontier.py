@@ -85,3 +85,37 @@ def test_wilson_interval():
     assert wilson_interval(95, 100) == [0.8882, 0.9785]
     assert wilson_interval(100, 100) == [0.963, 1.0]
     assert wilson_interval(0, 10) == [0.0, 0.2775]
+
+
+def test_one_eval_puts_the_teacher_and_another_model_in_one_frontier(tmp_path, capsys):
+    """A decoder with `model:` decodes with that model (a student) in the same run, on the same prompts."""
+    import json
+
+    from conftest import run_cli, tiny_shape
+    from omegaconf import OmegaConf
+
+    from dparallel.tiny import new_tiny_adapter, save_model_folder
+
+    for name, seed in (("teacher", 0), ("student", 1)):
+        save_model_folder(new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=seed), tmp_path / name, "float32")
+    student = str(tmp_path / "student")
+    decoders = (
+        "eval.decoders=[{name: sequential, gen_length: 32, block_length: 32},"
+        " {name: confidence-0.9, rule: confidence, threshold: 0.9, gen_length: 32, block_length: 32},"
+        f" {{name: student-0.9, rule: confidence, threshold: 0.9, model: '{student}', gen_length: 32, block_length: 32}},"
+        f" {{name: student-seq, model: '{student}', gen_length: 32, block_length: 32}}]"
+    )
+    args = ["eval", "recipes/tiny/eval.yaml", f"run_dir={tmp_path / 'eval'}", f"model.path={tmp_path / 'teacher'}"]
+    code, _, _ = run_cli([*args, "eval.suite.n_per_task=1", "eval.suite.tasks=[copy,sum]", decoders], capsys)
+    assert code in (0, None)
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    fams = report["frontier"]["families"]
+    assert {k: (v["kind"], v["model"]) for k, v in fams.items()} == {
+        "sequential": ("reference", str(tmp_path / "teacher")),
+        "confidence": ("heuristic", str(tmp_path / "teacher")),
+        f"confidence@{student}": ("method", student),
+        f"topk@{student}": ("method", student),
+    }
+    rows = {r["decoder"]: r for r in report["results"] if r["task"] == "macro"}
+    assert rows["student-seq"]["nfe"] == rows["sequential"]["nfe"] == 32  # one token per step on either model
+    assert list(report["frontier"]["task_families"]) == ["one-answer", "reasoning"]
