@@ -102,7 +102,8 @@ def test_one_eval_puts_the_teacher_and_another_model_in_one_frontier(tmp_path, c
     decoders = (
         "eval.decoders=[{name: sequential, gen_length: 32, block_length: 32},"
         " {name: confidence-0.9, rule: confidence, threshold: 0.9, gen_length: 32, block_length: 32},"
-        f" {{name: student-0.9, rule: confidence, threshold: 0.9, model: '{student}', gen_length: 32, block_length: 32}},"
+        f" {{name: student-0.9, rule: confidence, threshold: 0.9, model: '{student}', gen_length: 32,"
+        " block_length: 32},"
         f" {{name: student-seq, model: '{student}', gen_length: 32, block_length: 32}}]"
     )
     args = ["eval", "recipes/tiny/eval.yaml", f"run_dir={tmp_path / 'eval'}", f"model.path={tmp_path / 'teacher'}"]
