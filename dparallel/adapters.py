@@ -7,7 +7,9 @@ each row (left padding is masked out and positions restart at 0 on the first rea
 decodes like the same row alone).
 
 Families: ``tiny`` (a stock Llama class used bidirectionally; the embedded default), ``llada`` and ``dream``
-(remote code), ``hf-mlm`` (any ``AutoModelForMaskedLM``). Register a new one with :func:`register_family`.
+(their checkpoints in stock Llama / Qwen2 classes, see :mod:`dparallel.stock`), ``llada-remote`` and
+``dream-remote`` (their remote code, the fallback), ``hf-mlm`` (any ``AutoModelForMaskedLM``). Register a new one
+with :func:`register_family`.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoTokenizer,
     DynamicCache,
+    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen2ForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
 from dparallel.errors import DParallelError, first_line, require
+from dparallel.stock import LLADA_KEY_MAPPING, dream_qwen2_config, llada_llama_config, raw_config
 
 BUILTIN_PREFIX = "builtin:"
 MANIFEST = "dparallel.json"
@@ -201,27 +206,22 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class TinyAdapter(ModelAdapter):
-    """The embedded default: ``LlamaForCausalLM`` made bidirectional by an explicit 4D attention mask."""
+class BidirectionalAdapter(ModelAdapter):
+    """A stock transformers decoder (``LlamaForCausalLM``, ``Qwen2ForCausalLM``) made bidirectional by an explicit
+    4D attention mask; ``prefill``/``extend`` give the prefix and dual caches over transformers' own cache."""
 
-    family = "tiny"
+    supports_cache = True
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    @classmethod
-    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
-        return LlamaForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # A 4D mask is used as given by transformers' masking utils: this is what makes the Llama bidirectional.
+        # A 4D mask is used as given by transformers' masking utils: this is what makes the decoder bidirectional.
         return self.model(
             input_ids=input_ids,
             attention_mask=bidirectional_mask(attention_mask),
             position_ids=position_ids_from_mask(attention_mask),
         ).logits
-
-    supports_cache = True
 
     @classmethod
     def sampler_layer_class(cls, config) -> tuple[type, type, object]:
@@ -254,23 +254,96 @@ class TinyAdapter(ModelAdapter):
         return out.logits
 
 
-class LLaDAAdapter(ModelAdapter):
-    """GSAI-ML/LLaDA-8B-Instruct (remote code). Its linear layers are named q/k/v_proj, attn_out, ff_proj, up_proj,
-    ff_out (not o/gate/down_proj: a LoRA on those names would silently train nothing)."""
+class TinyAdapter(BidirectionalAdapter):
+    """The embedded default: a stock ``LlamaForCausalLM`` used bidirectionally."""
+
+    family = "tiny"
+
+    @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        return LlamaForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+
+
+class LLaDAAdapter(BidirectionalAdapter):
+    """GSAI-ML/LLaDA-8B-Instruct in a stock ``LlamaForCausalLM`` (its OLMo weight names mapped by
+    :data:`~dparallel.stock.LLADA_KEY_MAPPING`), used bidirectionally: every cache mode works. Its linear layers
+    therefore carry Llama's names (q/k/v/o_proj, gate/up/down_proj); ``llada-remote`` keeps LLaDA's own."""
 
     family = "llada"
-    trust_remote_code = True
-    lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    trust_remote_code = True  # the tokenizer only: the model is the stock class
 
     @classmethod
     def default_ids(cls, tokenizer) -> SpecialIds:
         return SpecialIds(mask=126336, eos=126081, eot=126348, pad=126081)
 
     @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        raw = raw_config(path)
+        if raw.get("model_type") != "llada":  # already in Llama form (e.g. exported by dparallel)
+            return LlamaForCausalLM.from_pretrained(path, dtype=dtype, revision=revision)
+        config = llada_llama_config(raw)
+        return LlamaForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, revision=revision, key_mapping=LLADA_KEY_MAPPING
+        )
+
+
+class DreamAdapter(BidirectionalAdapter):
+    """Dream-org/Dream-v0-Instruct-7B in a stock ``Qwen2ForCausalLM`` (its weight names are Qwen2's), used
+    bidirectionally. Logits are shifted: position i-1 predicts i. The prefix/dual caches are not offered yet: a
+    shifted window's first logit comes from the position before it, which the cache holds (use cache=none)."""
+
+    family = "dream"
+    shift_logits = True
+    supports_cache = False
+    trust_remote_code = True  # the tokenizer only: the model is the stock class
+
+    @classmethod
+    def default_ids(cls, tokenizer) -> SpecialIds:
+        return SpecialIds(mask=151666, eos=151643, eot=151645, pad=151643)
+
+    @classmethod
+    def load_model(cls, path: str, dtype: torch.dtype, revision: str | None) -> PreTrainedModel:
+        raw = raw_config(path)
+        config = dream_qwen2_config(raw) if raw.get("model_type") != "qwen2" else None
+        return Qwen2ForCausalLM.from_pretrained(path, config=config, dtype=dtype, revision=revision)
+
+    @classmethod
+    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
+        """Dream's body is Qwen2's: a stock Qwen2DecoderLayer with its shape, used bidirectionally."""
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+
+        return Qwen2DecoderLayer, Qwen2RotaryEmbedding, _qwen2_layer_config(config)
+
+
+def _qwen2_layer_config(config):
+    from transformers import Qwen2Config
+
+    return one_layer_config(
+        Qwen2Config,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 1e6))},
+    )
+
+
+class LLaDARemoteAdapter(ModelAdapter):
+    """LLaDA through its remote code (the fallback: ``model.family=llada-remote``). Its linear layers are named
+    q/k/v_proj, attn_out, ff_proj, up_proj, ff_out (not o/gate/down_proj: a LoRA on those names would silently
+    train nothing)."""
+
+    family = "llada-remote"
+    trust_remote_code = True
+    lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+    default_ids = LLaDAAdapter.default_ids
+
+    @classmethod
     def sampler_layer_class(cls, config) -> tuple[type, type, object]:
         """LLaDA's block is a Llama block (RMSNorm, RoPE, SwiGLU) under OLMo names: a stock LlamaDecoderLayer
         with its shape (d_model, n_heads, n_kv_heads, mlp_hidden_size, rope_theta)."""
-        from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         layer = one_layer_config(
@@ -286,35 +359,15 @@ class LLaDAAdapter(ModelAdapter):
         return LlamaDecoderLayer, LlamaRotaryEmbedding, layer
 
 
-class DreamAdapter(ModelAdapter):
-    """Dream-org/Dream-v0-Instruct-7B (remote code, Qwen2 body). Logits are shifted: position i-1 predicts i."""
+class DreamRemoteAdapter(ModelAdapter):
+    """Dream through its remote code (the fallback: ``model.family=dream-remote``)."""
 
-    family = "dream"
+    family = "dream-remote"
     trust_remote_code = True
     shift_logits = True
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-    @classmethod
-    def default_ids(cls, tokenizer) -> SpecialIds:
-        return SpecialIds(mask=151666, eos=151643, eot=151645, pad=151643)
-
-    @classmethod
-    def sampler_layer_class(cls, config) -> tuple[type, type, object]:
-        """Dream's body is Qwen2's: a stock Qwen2DecoderLayer with its shape, used bidirectionally."""
-        from transformers import Qwen2Config
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
-
-        layer = one_layer_config(
-            Qwen2Config,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            rms_norm_eps=config.rms_norm_eps,
-            max_position_embeddings=config.max_position_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 1e6))},
-        )
-        return Qwen2DecoderLayer, Qwen2RotaryEmbedding, layer
+    lora_targets = BidirectionalAdapter.lora_targets
+    default_ids = DreamAdapter.default_ids
+    sampler_layer_class = DreamAdapter.sampler_layer_class
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None or bool(attention_mask.all()):
@@ -343,7 +396,7 @@ def register_family(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
     return adapter
 
 
-for _adapter in (TinyAdapter, LLaDAAdapter, DreamAdapter, MaskedLMAdapter):
+for _adapter in (TinyAdapter, LLaDAAdapter, DreamAdapter, LLaDARemoteAdapter, DreamRemoteAdapter, MaskedLMAdapter):
     register_family(_adapter)
 
 

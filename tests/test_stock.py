@@ -1,0 +1,129 @@
+"""LLaDA and Dream checkpoints in stock transformers classes: tiny checkpoints written in each family's real naming
+load through the weight maps, give the source model's logits (Dream's shifted), and decode with every cache."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import tiny_shape
+from dparallel.data.tokenizer import build_char_tokenizer
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from dparallel.adapters import bidirectional_mask, load_adapter, position_ids_from_mask
+from dparallel.engine.sampler import DecodeConfig, Sampler
+from dparallel.errors import DParallelError
+from dparallel.stock import llada_llama_config
+from dparallel.tiny import new_tiny_adapter
+
+IDS = {"mask": 1, "eos": 2, "eot": 2, "pad": 0}
+PROMPTS = ["copy: abc\n", "sum: 3 7 5\n", "reverse: hello\n"]
+
+
+def llada_name(name: str) -> str:
+    """Llama weight name -> LLaDA's (the inverse of LLADA_KEY_MAPPING)."""
+    inverse = {
+        r"^model\.embed_tokens\.": "model.transformer.wte.",
+        r"^model\.norm\.": "model.transformer.ln_f.",
+        r"^lm_head\.": "model.transformer.ff_out.",
+        r"\.input_layernorm\.": ".attn_norm.",
+        r"\.post_attention_layernorm\.": ".ff_norm.",
+        r"\.self_attn\.o_proj\.": ".attn_out.",
+        r"\.self_attn\.": ".",
+        r"\.mlp\.gate_proj\.": ".ff_proj.",
+        r"\.mlp\.up_proj\.": ".up_proj.",
+        r"\.mlp\.down_proj\.": ".ff_out.",
+        r"^model\.layers\.": "model.transformer.blocks.",
+    }
+    for pattern, repl in inverse.items():
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def write_folder(folder, state: dict, config: dict, family: str) -> None:
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "dparallel.json").write_text(json.dumps({"family": family, "ids": IDS}))
+    build_char_tokenizer().save_pretrained(folder)
+
+
+def bidirectional_logits(model, x):
+    ones = torch.ones_like(x)
+    with torch.no_grad():
+        return model(
+            input_ids=x, attention_mask=bidirectional_mask(ones), position_ids=position_ids_from_mask(ones)
+        ).logits
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    """A random tiny Llama written as a LLaDA checkpoint (OLMo names, LLaDA's config.json); and the Llama."""
+    source = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=3).model.eval()
+    c = source.config
+    config = {
+        "model_type": "llada", "d_model": c.hidden_size, "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads, "n_layers": c.num_hidden_layers, "mlp_hidden_size": c.intermediate_size,
+        "vocab_size": c.vocab_size, "embedding_size": c.vocab_size, "max_sequence_length": 256,
+        "rope_theta": 10000.0, "rms_norm_eps": c.rms_norm_eps, "block_type": "llama", "activation_type": "silu",
+        "layer_norm_type": "rms", "include_bias": False, "weight_tying": False, "rope": True, "alibi": False,
+    }  # fmt: skip
+    folder = tmp_path_factory.mktemp("llada") / "model"
+    state = {llada_name(k): v for k, v in source.state_dict().items()}
+    assert set(state) - {k for k in state if k.startswith("model.transformer.")} == set()
+    write_folder(folder, state, config, "llada")
+    return folder, source
+
+
+def test_llada_checkpoint_loads_into_llama_with_the_source_logits(llada):
+    folder, source = llada
+    adapter = load_adapter(str(folder))
+    assert type(adapter.model).__name__ == "LlamaForCausalLM" and adapter.family == "llada"
+    assert {k: v.shape for k, v in adapter.model.state_dict().items()} == {
+        k: v.shape for k, v in source.state_dict().items()
+    }
+    x = torch.tensor([adapter.tokenizer(PROMPTS[1]).input_ids + [1] * 8])
+    assert torch.equal(adapter.logits(x), bidirectional_logits(source, x))
+    assert adapter.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_llada_decodes_with_every_cache_and_a_refreshed_cache_is_exact(llada, cache):
+    adapter = load_adapter(str(llada[0]))
+    prompts = adapter.encode(PROMPTS)
+    options = dict(rule="confidence", threshold=0.5, gen_length=16, block_length=8)
+    exact = Sampler(adapter, DecodeConfig(**options)).run(prompts)[0]
+    cached = Sampler(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
+    assert torch.equal(cached, exact)
+
+
+def test_unsupported_llada_options_are_refused_in_one_line():
+    with pytest.raises(DParallelError, match="sets weight_tying, scale_logits, which the stock Llama class"):
+        llada_llama_config({"d_model": 8, "n_heads": 2, "n_layers": 1, "vocab_size": 8, "weight_tying": True,
+                            "scale_logits": True})  # fmt: skip
+    assert "model.family=llada-remote" in str(
+        pytest.raises(DParallelError, llada_llama_config, {"alibi": True, "d_model": 8}).value
+    )
+
+
+def test_dream_checkpoint_loads_into_qwen2_with_shifted_logits(tmp_path):
+    qwen = Qwen2Config(
+        vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    source = Qwen2ForCausalLM(qwen).eval()
+    config = {k: v for k, v in qwen.to_dict().items() if k != "rope_parameters"}
+    config.update(model_type="Dream", architectures=["DreamModel"], rope_theta=1e6, mask_token_id=1)
+    write_folder(tmp_path / "dream", source.state_dict(), config, "dream")
+    adapter = load_adapter(str(tmp_path / "dream"))
+    assert type(adapter.model).__name__ == "Qwen2ForCausalLM" and adapter.shift_logits
+    x = torch.tensor([adapter.tokenizer(PROMPTS[0]).input_ids + [1] * 6])
+    raw = bidirectional_logits(source, x)
+    aligned = adapter.logits(x)
+    assert torch.equal(aligned[:, 1:], raw[:, :-1])  # position i-1 predicts token i
+    assert torch.equal(aligned[:, 0], raw[:, 0])
+    with pytest.raises(DParallelError, match="cache=dual is not supported for the dream family"):
+        Sampler(adapter, DecodeConfig(cache="dual", gen_length=8, block_length=8)).run(adapter.encode(PROMPTS[:1]))
