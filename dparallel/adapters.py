@@ -91,11 +91,12 @@ class ModelAdapter:
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: [B, L]; attention_mask: [B, L] (1 = real token) or None. Returns float logits [B, L, V]."""
-        logits = self._forward(input_ids, attention_mask)
-        if self.shift_logits:
-            # The model's logit at i-1 predicts token i; position 0 has no predecessor and reuses its own.
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+        return self._align(self._forward(input_ids, attention_mask))
+
+    def _align(self, logits: torch.Tensor) -> torch.Tensor:
+        """Undo the family's shift: the model's logit at i-1 predicts token i; position 0 has no predecessor and
+        reuses its own."""
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1) if self.shift_logits else logits
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -232,18 +233,21 @@ class BidirectionalAdapter(ModelAdapter):
         return LlamaDecoderLayer, LlamaRotaryEmbedding, layer
 
     def prefill(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Full forward. Returns logits [B, L, V] and each layer's (keys, values) [B, H, L, D]."""
+        """Full forward. Returns logits [B, L, V] (aligned as :meth:`logits`) and each layer's (keys, values)
+        [B, H, L, D]."""
         out = self.model(
             input_ids=x,
             attention_mask=bidirectional_mask(attn),
             position_ids=position_ids_from_mask(attn),
             use_cache=True,
         )
-        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._align(out.logits), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def extend(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, layers: list) -> torch.Tensor:
         """Forward ``ids`` [B, W] at ``positions`` against cached (keys, values) per layer; ``key_valid`` [B, Lc + W]
-        marks the valid keys (cached context first, then the query). Returns logits [B, W, V]."""
+        marks the valid keys (cached context first, then the query). Returns logits [B, W, V] aligned as
+        :meth:`logits` within the query (a shifted family's first row has no predecessor there: the cache passes
+        one leading position more and drops that row)."""
         cache = DynamicCache()
         for i, (k, v) in enumerate(layers):
             cache.update(k, v, i)  # a fresh cache per call: the query's own keys must not accumulate
@@ -251,7 +255,7 @@ class BidirectionalAdapter(ModelAdapter):
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-        return out.logits
+        return self._align(out.logits)
 
 
 class TinyAdapter(BidirectionalAdapter):
@@ -289,12 +293,11 @@ class LLaDAAdapter(BidirectionalAdapter):
 
 class DreamAdapter(BidirectionalAdapter):
     """Dream-org/Dream-v0-Instruct-7B in a stock ``Qwen2ForCausalLM`` (its weight names are Qwen2's), used
-    bidirectionally. Logits are shifted: position i-1 predicts i. The prefix/dual caches are not offered yet: a
-    shifted window's first logit comes from the position before it, which the cache holds (use cache=none)."""
+    bidirectionally. Logits are shifted: position i-1 predicts i (under a cache the query starts one position
+    before the window, see :class:`~dparallel.engine.cache.ContextCache`)."""
 
     family = "dream"
     shift_logits = True
-    supports_cache = False
     trust_remote_code = True  # the tokenizer only: the model is the stock class
 
     @classmethod

@@ -108,7 +108,9 @@ def test_unsupported_llada_options_are_refused_in_one_line():
     )
 
 
-def test_dream_checkpoint_loads_into_qwen2_with_shifted_logits(tmp_path):
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    """A random tiny Qwen2 written as a Dream checkpoint (Dream's config.json); and the Qwen2."""
     qwen = Qwen2Config(
         vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
@@ -117,13 +119,45 @@ def test_dream_checkpoint_loads_into_qwen2_with_shifted_logits(tmp_path):
     source = Qwen2ForCausalLM(qwen).eval()
     config = {k: v for k, v in qwen.to_dict().items() if k != "rope_parameters"}
     config.update(model_type="Dream", architectures=["DreamModel"], rope_theta=1e6, mask_token_id=1)
-    write_folder(tmp_path / "dream", source.state_dict(), config, "dream")
-    adapter = load_adapter(str(tmp_path / "dream"))
+    folder = tmp_path_factory.mktemp("dream") / "model"
+    write_folder(folder, source.state_dict(), config, "dream")
+    return folder, source
+
+
+def test_dream_checkpoint_loads_into_qwen2_with_shifted_logits(dream):
+    folder, source = dream
+    adapter = load_adapter(str(folder))
     assert type(adapter.model).__name__ == "Qwen2ForCausalLM" and adapter.shift_logits
     x = torch.tensor([adapter.tokenizer(PROMPTS[0]).input_ids + [1] * 6])
     raw = bidirectional_logits(source, x)
     aligned = adapter.logits(x)
     assert torch.equal(aligned[:, 1:], raw[:, :-1])  # position i-1 predicts token i
     assert torch.equal(aligned[:, 0], raw[:, 0])
-    with pytest.raises(DParallelError, match="cache=dual is not supported for the dream family"):
-        Sampler(adapter, DecodeConfig(cache="dual", gen_length=8, block_length=8)).run(adapter.encode(PROMPTS[:1]))
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_dream_cached_step_starts_one_position_early_and_matches_the_full_forward(dream, mode):
+    """Right after a refresh nothing has changed, so a cached step's window logits (and hidden states) equal the
+    full forward's: the shifted window's first logit comes from the position before it."""
+    from dparallel.engine.cache import ContextCache
+
+    adapter = load_adapter(str(dream[0]))
+    x = torch.tensor([adapter.tokenizer(PROMPTS[2]).input_ids + [1] * 16])
+    attn, lo, hi = torch.ones_like(x), x.shape[1] - 16, x.shape[1] - 8
+    cache = ContextCache(adapter, mode)
+    with torch.no_grad(), adapter.capture_hidden() as captured:
+        full = cache.refresh(x, attn, lo, hi)
+        step = cache.step(x, attn, lo, hi)
+    assert torch.allclose(step[:, : hi - lo], full[:, lo:hi], atol=1e-5)
+    head = adapter.output_head()
+    assert torch.allclose(head(captured.hidden[:, 1 : 1 + hi - lo]), step[:, : hi - lo], atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_dream_decodes_with_every_cache_and_a_refreshed_cache_is_exact(dream, cache):
+    adapter = load_adapter(str(dream[0]))
+    prompts = adapter.encode(PROMPTS)
+    options = dict(rule="confidence", threshold=0.5, gen_length=16, block_length=8)
+    exact = Sampler(adapter, DecodeConfig(**options)).run(prompts)[0]
+    cached = Sampler(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
+    assert torch.equal(cached, exact)

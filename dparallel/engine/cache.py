@@ -39,8 +39,11 @@ class ContextCache:
         self.context: torch.Tensor | None = None  # [Lc] canvas positions held in the cache, in cache order
 
     def query_span(self, lo: int, hi: int, length: int) -> tuple[int, int]:
-        """The positions a cached step forwards: the block (dual) or the block and everything after (prefix)."""
-        return (lo, hi) if self.mode == "dual" else (lo, length)
+        """The positions a cached step forwards: the block (dual) or the block and everything after (prefix). A
+        shifted family (Dream) predicts position lo from lo - 1, so its query starts one position earlier."""
+        lead = int(self.adapter.shift_logits)
+        require(lo - lead >= 0, "a shifted model needs a prompt before the canvas to decode with a cache")
+        return (lo - lead, hi) if self.mode == "dual" else (lo - lead, length)
 
     def refresh(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward over the canvas; keep the context's keys/values. Returns logits [B, L, V]."""
@@ -52,11 +55,12 @@ class ContextCache:
         return logits
 
     def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Forward only the query span against the cached context. Returns logits [B, q_hi - q_lo, V]."""
+        """Forward only the query span against the cached context. Returns logits [B, q_hi - lo, V] from ``lo``."""
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
         keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
-        return self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
+        logits = self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
+        return logits[:, lo - q_lo :]  # a shifted family's leading row only fed the window's first logit
 
 
 def build_cache(adapter: ModelAdapter, mode: str):

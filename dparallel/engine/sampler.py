@@ -170,11 +170,11 @@ def _emit_step(
     on_step(call, nfe.masked_fill(~active, -1), tokens, stats)
 
 
-def _align_hidden(hidden: torch.Tensor, span: int, first: int, length: int) -> torch.Tensor:
+def _align_hidden(hidden: torch.Tensor, span: int, first: int, length: int, lead: int = 0) -> torch.Tensor:
     """The captured hidden states [B, S', H] cut to the ``span`` logits rows starting at canvas position ``first``:
     a full-canvas forward (no cache, or a cache refresh) covers all ``length`` positions, a cached step only its
-    query span, which starts at ``first``."""
-    start = first if hidden.shape[1] == length else 0
+    query span, which starts ``lead`` positions before ``first`` (1 for a shifted family, see ContextCache)."""
+    start = first if hidden.shape[1] == length else lead
     return hidden[:, start : start + span]
 
 
@@ -241,6 +241,10 @@ class Sampler:
         if refresh:
             return cache.refresh(canvas.x, canvas.attention_mask, lo, hi)[:, lo:hi], lo
         return cache.step(canvas.x, canvas.attention_mask, lo, hi)[:, : hi - lo], lo
+
+    def _lead(self, cache) -> int:
+        """Positions a cached step's query starts before the window: 1 for a shifted family under a context cache."""
+        return int(self.adapter.shift_logits) if isinstance(cache, ContextCache) else 0
 
     # ---- End-of-Text prediction (EoTP) ---------------------------------------------------------------------
     def _end_token(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -309,7 +313,7 @@ class Sampler:
                 hidden = (
                     None
                     if captured is None
-                    else _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1])
+                    else _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1], self._lead(cache))
                 )
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
