@@ -31,6 +31,12 @@ class BenchConfig:
     steps: int = 8  # forwards per block for both loops (topk schedule): equal NFE, TPF = block_length / steps
     reps: int = 10  # timed repetitions of one forward
     copy_mib: int = 1024  # buffer for the bandwidth measurement
+    train_step: bool = False  # also time one LoRA certainty-forcing step (bf16 autocast on GPU) of train_recipe
+    train_recipe: str = "recipes/llada-8b/distill.yaml"  # its lora and distill sections define the step
+    train_batch: int = 1  # sequences per timed training step (the llada-8b recipe's micro batch)
+    train_prompt: int = 224  # prompt tokens of each training sequence (+ gen 256: the paper's GSM8K shape)
+    train_gen: int = 256
+    peak_tflops: float = 989.0  # the device's dense bf16 peak for MFU (H100/H200 SXM: 989)
 
 
 # The benchmark shapes: the tiny family's architecture at a real model's sizes.
@@ -146,6 +152,54 @@ def bench_row(adapter: ModelAdapter, cfg: BenchConfig, batch: int, cache: str, f
         "engine_ms_per_answer": 1e3 * engine_s / batch,
         "reference_ms_per_answer": 1e3 * reference_s / batch,
         "speedup_vs_reference": reference_s / engine_s,
+    }
+
+
+def train_step_row(adapter: ModelAdapter, cfg: BenchConfig, recipe) -> dict:
+    """One certainty-forcing step (forward over both complementary passes, backward, AdamW) of the student that
+    ``recipe`` (a distill recipe) trains, on random tokens at ``cfg``'s shape: median step time, tokens/s, peak
+    device memory and MFU. Model FLOPs per pass: a forward (2 N T) and a backward: activation gradients (2 N T),
+    plus weight gradients (2 N T) in full fine-tuning only (LoRA's own are negligible): 2 passes x 4 (6) N T."""
+    from dparallel.distill import CertaintyForcingModule
+    from dparallel.training import apply_lora
+
+    device = adapter.device
+    if recipe.lora.enabled:
+        apply_lora(adapter, recipe.lora)
+    adapter.model.train()
+    module = CertaintyForcingModule(recipe, adapter)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "prompt_ids": torch.randint(4, 90, (cfg.train_batch, cfg.train_prompt), generator=g).to(device),
+        "tokens": torch.randint(4, 90, (cfg.train_batch, cfg.train_gen), generator=g).to(device),
+        "attention_mask": torch.ones(cfg.train_batch, cfg.train_prompt + cfg.train_gen, dtype=torch.long).to(device),
+        "draw": torch.arange(cfg.train_batch).to(device),
+    }
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _ = module.compute_loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, max(2, cfg.reps // 4))
+    tokens = cfg.train_batch * (cfg.train_prompt + cfg.train_gen)
+    n = sum(p.numel() for p in adapter.model.parameters())
+    flops = 2 * (4 if recipe.lora.enabled else 6) * n * tokens
+    return {
+        "model": adapter.name,
+        "lora_r": recipe.lora.r if recipe.lora.enabled else None,
+        "batch": cfg.train_batch,
+        "seq": cfg.train_prompt + cfg.train_gen,
+        "step_ms": 1e3 * seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "mfu": flops / seconds / (cfg.peak_tflops * 1e12),
     }
 
 

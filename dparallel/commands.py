@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.config import save_recipe
+from dparallel.config import load_recipe, save_recipe
 from dparallel.engine.sampler import DecodeConfig
 from dparallel.errors import DParallelError, first_line, require
 from dparallel.generator import Generator, load
@@ -143,6 +143,13 @@ def bench(cfg: DictConfig) -> dict:
         adapter = load(cfg.model.path, family=cfg.model.family, device=cfg.model.device, dtype=_dtype(cfg)).adapter
     print(f"bench: {adapter.name} on {adapter.device}", flush=True)
     report = run_bench(adapter, bench_cfg)
+    if bench_cfg.train_step:  # last: it wraps the model in LoRA
+        from dparallel.bench import train_step_row
+
+        report["train_step"] = row = train_step_row(adapter, bench_cfg, load_recipe(bench_cfg.train_recipe))
+        print(
+            f"  train step {row['step_ms']:.0f} ms, {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']:.3f}", flush=True
+        )
     atomic_write_json(run_dir / "bench.json", report)
     atomic_write_text(run_dir / "bench.md", markdown(report))
     print(f"report: {run_dir / 'bench.json'}", flush=True)

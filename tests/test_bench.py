@@ -19,6 +19,11 @@ def test_bench_writes_consistent_json(tmp_path):
         "bench.steps=4",
         "bench.reps=1",
         "bench.copy_mib=8",
+        "bench.train_step=true",
+        "bench.train_recipe=recipes/tiny/distill.yaml",
+        "bench.train_prompt=12",
+        "bench.train_gen=32",
+        "bench.train_batch=2",
     ]
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -33,3 +38,7 @@ def test_bench_writes_consistent_json(tmp_path):
         assert 0.0 <= r["overhead_frac"] <= 1.0
         assert r["context"] == 24 and r["block"] == 16
     assert (tmp_path / "bench.md").read_text().startswith("| batch | cache |")
+    step = report["train_step"]  # one LoRA certainty-forcing step of the tiny distill recipe's student
+    assert (step["batch"], step["seq"], step["peak_mem_gb"]) == (2, 44, None)
+    assert step["tokens_per_s"] == pytest.approx(2 * 44 / (step["step_ms"] / 1e3))
+    assert 0 < step["mfu"] < 1

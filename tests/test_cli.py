@@ -83,7 +83,7 @@ def test_help_lists_recipe_keys(capsys):
 
 
 def test_generate_prints_answer_and_stats(capsys):
-    args = ["generate", TEACHER, "--prompt", "reverse: abc\n", "--json", "rule=confidence", "gen_length=32"]
+    args = ["generate", TEACHER, "--prompt", "reverse: abcdefghijklmnopqr\n", "--json", "rule=confidence"]
     code = 0
     try:
         main(args)
@@ -92,5 +92,5 @@ def test_generate_prints_answer_and_stats(capsys):
     out = capsys.readouterr().out
     assert code == 0
     record = json.loads(out.strip().splitlines()[-1])
-    assert record["text"] == "cba"
-    assert record["stats"]["nfe"] >= 1 and record["stats"]["answer_tokens"] == 4  # "cba" + EOS
+    assert record["text"] == "rqponmlkjihgfedcba"
+    assert record["stats"]["nfe"] >= 1 and record["stats"]["answer_tokens"] == 19  # 18 letters + EOS

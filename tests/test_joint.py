@@ -26,7 +26,7 @@ from dparallel.errors import DParallelError
 from dparallel.export import export_run
 
 GEN, BLOCK = 16, 8
-PROMPTS = ["copy: abcd\n", "list 3 colors:\n", "sort: dcba\n"]
+PROMPTS = ["copy: abcdefghijklmnopqr\n", "18 distinct lowercase:\n", "sort: zyxwvutsrqponmlkji\n"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -32,12 +32,7 @@ from dparallel.engine import DecodeConfig, Proposal, Sampler
 from dparallel.engine.rules import Confidence, StepContext
 from dparallel.errors import DParallelError
 
-PROMPTS = [
-    "copy: abc\n",
-    "reverse: hello\n",
-    "add: 4821+3977\n",
-    "Ann has 5 pens. Gets 3 more. Then doubles. How many pens?\n",
-]
+PROMPTS = ["copy: abcdefghijklmnopqr\n", "reverse: qwertyuiopasdfgh\n", "sum: 3 7 5 8\n", "chain: 7 +5 *2 -3\n"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
