@@ -32,6 +32,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     Qwen2ForCausalLM,
+    StaticCache,
 )
 from transformers.utils import logging as hf_logging
 
@@ -252,6 +253,31 @@ class BidirectionalAdapter(ModelAdapter):
         for i, (k, v) in enumerate(layers):
             cache.update(k, v, i)  # a fresh cache per call: the query's own keys must not accumulate
         mask = key_valid.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        return self._align(out.logits)
+
+    # ---- the static path: fixed shapes over transformers' StaticCache (CUDA-graph ready) ---------------------
+    def static_cache(self, batch: int, length: int) -> StaticCache:
+        """A StaticCache with one slot per canvas position (``length``) for ``batch`` rows."""
+        return StaticCache(config=self.model.config, max_cache_len=length)
+
+    def prefill_static(self, x: torch.Tensor, attn: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """Full forward writing every position's keys/values into ``cache``. Returns aligned logits [B, L, V]."""
+        return self._static_forward(x, position_ids_from_mask(attn), attn, cache, 0)
+
+    def extend_static(
+        self, ids: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, cache: StaticCache, offset: int
+    ) -> torch.Tensor:
+        """Forward ``ids`` [B, W] (canvas positions ``offset``..) rewriting their own slots, attending over every
+        slot (``attn`` [B, L]: the valid keys). Returns aligned logits [B, W, V]."""
+        return self._static_forward(ids, positions, attn, cache, offset)
+
+    def _static_forward(self, ids, positions, attn, cache: StaticCache, offset: int) -> torch.Tensor:
+        for layer in cache.layers:  # in place: the write offset keeps its static address (graph capture)
+            layer.cumulative_length.fill_(offset)
+        mask = attn.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)  # [B, 1, W, L]: all valid keys
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )

@@ -161,3 +161,23 @@ def test_dream_decodes_with_every_cache_and_a_refreshed_cache_is_exact(dream, ca
     exact = Sampler(adapter, DecodeConfig(**options)).run(prompts)[0]
     cached = Sampler(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
     assert torch.equal(cached, exact)
+
+
+@pytest.mark.parametrize("family", ["tiny", "llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("rule", [dict(rule="topk", steps=8), dict(rule="confidence", threshold=0.3)])
+def test_static_cache_path_equals_the_dynamic_path_token_for_token(llada, dream, family, cache, rule):
+    """The StaticCache path (fixed shapes: a query rewrites its own slots, attends over all of them) holds the same
+    keys as the dynamic cache, so it commits the same tokens in the same order (a block of 8 in a canvas of 16)."""
+    folders = {"llada": llada[0], "dream": dream[0]}
+    if family == "tiny":
+        adapter = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=5)
+        adapter.model.eval()
+    else:
+        adapter = load_adapter(str(folders[family]))
+    prompts = adapter.encode(PROMPTS)
+    options = dict(gen_length=16, block_length=8, cache=cache, **rule)
+    dynamic = Sampler(adapter, DecodeConfig(**options)).run(prompts)
+    adapter.prefill = adapter.extend = None  # the static run must not touch the dynamic cache's forwards
+    static = Sampler(adapter, DecodeConfig(static_cache=True, **options)).run(prompts)
+    assert torch.equal(static[0], dynamic[0]) and torch.equal(static[1], dynamic[1])

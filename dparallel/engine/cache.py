@@ -11,6 +11,11 @@ whole canvas goes through the model once and the keys/values of the *context* ar
 Both are approximations: in a bidirectional model the context's keys/values depend on the block's tokens, which
 change between refreshes. Attention has no notion of key order (positions are baked in by RoPE before caching),
 so the cache holds the context keys in any order and the query block is appended after them.
+
+``static``: the same keys and values in fixed shapes, as a CUDA graph needs them. A ``StaticCache`` holds one slot
+per canvas position; a refresh writes them all, a step rewrites only its query's slots (transformers' StaticCache
+writes at its own offset, ``cumulative_length``, reset in place to the query's first position) and attends over
+every slot. The keys are the dynamic path's (context from the refresh, the query fresh), so the tokens are too.
 """
 
 from __future__ import annotations
@@ -28,15 +33,16 @@ class ContextCache:
 
     refreshes = True  # the sampler calls ``refresh`` at a block's first step (BlockCache: always ``step``)
 
-    def __init__(self, adapter: ModelAdapter, mode: str):
+    def __init__(self, adapter: ModelAdapter, mode: str, static: bool = False):
         require(mode in CACHE_MODES, f"cache={mode!r}: choose from {', '.join(CACHE_MODES)}")
         require(
             adapter.supports_cache,
             f"cache={mode} is not supported for the {adapter.family} family: use cache=none",
         )
-        self.adapter, self.mode = adapter, mode
+        self.adapter, self.mode, self.static = adapter, mode, static
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.context: torch.Tensor | None = None  # [Lc] canvas positions held in the cache, in cache order
+        self.slots = None  # static: transformers' StaticCache over the whole canvas, one slot per position
 
     def query_span(self, lo: int, hi: int, length: int) -> tuple[int, int]:
         """The positions a cached step forwards: the block (dual) or the block and everything after (prefix). A
@@ -47,6 +53,9 @@ class ContextCache:
 
     def refresh(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward over the canvas; keep the context's keys/values. Returns logits [B, L, V]."""
+        if self.static:
+            self.slots = self.slots or self.adapter.static_cache(x.shape[0], x.shape[1])
+            return self.adapter.prefill_static(x, attn, self.slots)
         logits, layers = self.adapter.prefill(x, attn)
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
         positions = torch.arange(x.shape[1], device=x.device)
@@ -57,17 +66,20 @@ class ContextCache:
     def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Forward only the query span against the cached context. Returns logits [B, q_hi - lo, V] from ``lo``."""
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
-        keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
+        if self.static:  # the query's keys/values overwrite their own slots; every slot is a key
+            logits = self.adapter.extend_static(x[:, q_lo:q_hi], positions, attn, self.slots, q_lo)
+            return logits[:, lo - q_lo :]
+        keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         logits = self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
         return logits[:, lo - q_lo :]  # a shifted family's leading row only fed the window's first logit
 
 
-def build_cache(adapter: ModelAdapter, mode: str):
-    """The cache object of ``mode``: Fast-dLLM's prefix/dual caches, or the exact block cache of a converted
-    block-diffusion model (``block``)."""
+def build_cache(adapter: ModelAdapter, mode: str, static: bool = False):
+    """The cache object of ``mode``: Fast-dLLM's prefix/dual caches (``static``: in a preallocated StaticCache),
+    or the exact block cache of a converted block-diffusion model (``block``)."""
     if mode == "block":
         from dparallel.ar2diff.cache import BlockCache
 
         return BlockCache(adapter)
-    return ContextCache(adapter, mode)
+    return ContextCache(adapter, mode, static)

@@ -51,6 +51,7 @@ class DecodeConfig:
     seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
     cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
+    static_cache: bool = False  # prefix/dual: keys/values in a preallocated StaticCache (fixed shapes, graph-ready)
     eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
     k: int = 1  # marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)
 
@@ -290,7 +291,7 @@ class Sampler:
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
-        cache = build_cache(self.adapter, cfg.cache) if cfg.cache != "none" else None
+        cache = build_cache(self.adapter, cfg.cache, cfg.static_cache) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         self.rule.begin_run(len(prompts), device)
         start, calls = time.perf_counter(), 0
