@@ -181,3 +181,16 @@ def test_static_cache_path_equals_the_dynamic_path_token_for_token(llada, dream,
     adapter.prefill = adapter.extend = None  # the static run must not touch the dynamic cache's forwards
     static = Sampler(adapter, DecodeConfig(static_cache=True, **options)).run(prompts)
     assert torch.equal(static[0], dynamic[0]) and torch.equal(static[1], dynamic[1])
+
+
+@pytest.mark.parametrize("rule", [dict(rule="confidence", threshold=0.001), dict(rule="entropy", threshold=4.7)])
+def test_checking_block_ends_every_few_steps_changes_nothing_but_host_syncs(rule):
+    """Blocks end after a few of their 8 steps here; checking only every 8th step runs the rest for nothing."""
+    adapter = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=5)
+    adapter.model.eval()
+    prompts = adapter.encode(PROMPTS)
+    options = dict(gen_length=16, block_length=8, cache="dual", static_cache=True, **rule)
+    every, rarely = (Sampler(adapter, DecodeConfig(sync_every=n, **options)).run(prompts) for n in (1, 8))
+    assert torch.equal(every[0], rarely[0]) and torch.equal(every[1], rarely[1])
+    assert [s.nfe for s in every[2]] == [s.nfe for s in rarely[2]]
+    assert max(s.nfe for s in every[2]) < 16  # blocks did end early, so the extra steps were exercised

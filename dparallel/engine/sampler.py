@@ -52,6 +52,7 @@ class DecodeConfig:
     cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
     static_cache: bool = False  # prefix/dual: keys/values in a preallocated StaticCache (fixed shapes, graph-ready)
+    sync_every: int = 1  # threshold rules: look on the host whether a block is done every N steps (1 = each step)
     eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
     k: int = 1  # marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)
 
@@ -74,6 +75,7 @@ class DecodeConfig:
         )
         require(self.topk_ties in TOPK_TIES, f"topk_ties={self.topk_ties!r}: choose from {', '.join(TOPK_TIES)}")
         require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
+        require(self.sync_every >= 1, f"sync_every={self.sync_every} must be >= 1")
         require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
         require(
             isinstance(self.k, int) and 1 <= self.k <= self.block_length,
@@ -302,9 +304,11 @@ class Sampler:
             for step in range(self.rule.steps_per_block(cfg.block_length)):
                 in_block = canvas.x[:, lo:hi] == mask_id  # [B, W]
                 active = in_block.any(dim=1)
-                # A block ends as soon as no row has masks in it (one host sync per step). `topk` without EoTP
-                # skips the check: its schedule empties every block exactly at its last step.
-                if (not self.rule.fixed_steps or cfg.eot_stop != "none") and not bool(active.any()):
+                # A block ends as soon as no row has masks in it: a host sync, made every `sync_every` steps (a step
+                # after the end commits nothing and counts no NFE, so later checks cost compute, not results).
+                # `topk` without EoTP skips the check: its schedule empties every block exactly at its last step.
+                check = (not self.rule.fixed_steps or cfg.eot_stop != "none") and step % cfg.sync_every == 0
+                if check and not bool(active.any()):
                     break
                 masked = canvas.x == mask_id
                 masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
