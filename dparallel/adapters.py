@@ -268,14 +268,15 @@ class BidirectionalAdapter(ModelAdapter):
         return self._static_forward(x, position_ids_from_mask(attn), attn, cache, 0)
 
     def extend_static(
-        self, ids: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, cache: StaticCache, offset: int
+        self, ids: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, cache: StaticCache, offset: int | None
     ) -> torch.Tensor:
         """Forward ``ids`` [B, W] (canvas positions ``offset``..) rewriting their own slots, attending over every
-        slot (``attn`` [B, L]: the valid keys). Returns aligned logits [B, W, V]."""
+        slot (``attn`` [B, L]: the valid keys). ``offset`` None: the caller has set the write offsets (a CUDA graph
+        replay must not bake one in). Returns aligned logits [B, W, V]."""
         return self._static_forward(ids, positions, attn, cache, offset)
 
-    def _static_forward(self, ids, positions, attn, cache: StaticCache, offset: int) -> torch.Tensor:
-        for layer in cache.layers:  # in place: the write offset keeps its static address (graph capture)
+    def _static_forward(self, ids, positions, attn, cache: StaticCache, offset: int | None) -> torch.Tensor:
+        for layer in cache.layers if offset is not None else ():  # in place: the offset keeps its static address
             layer.cumulative_length.fill_(offset)
         mask = attn.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)  # [B, 1, W, L]: all valid keys
         out = self.model(

@@ -25,6 +25,7 @@ from dparallel.engine.sampler import DecodeConfig, Sampler, build_canvas
 class BenchConfig:
     shape: str = ""  # "" = model.path's model; llada-8b = the tiny family at LLaDA-8B's shapes, random bf16 weights
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    # none | prefix | dual, and MODE-static (StaticCache) or MODE-graph (StaticCache + CUDA graph replay)
     caches: list[str] = field(default_factory=lambda: ["dual", "prefix", "none"])
     context: int = 1024  # prompt tokens before the block
     block_length: int = 32
@@ -108,15 +109,18 @@ def bench_row(adapter: ModelAdapter, cfg: BenchConfig, batch: int, cache: str, f
     common = dict(
         rule="topk", steps=cfg.steps, gen_length=cfg.block_length, block_length=cfg.block_length, logits_eos_inf=True
     )
-    decode = DecodeConfig(cache=cache, **common)
+    mode, _, variant = cache.partition("-")
+    static = dict(static_cache=variant in ("static", "graph"), cuda_graph=variant == "graph")
+    decode = DecodeConfig(cache=mode, **static, **common)
     canvas = build_canvas(prompts, cfg.block_length, adapter.ids.mask, adapter.ids.pad, device)
     lo, hi = canvas.prompt_width, canvas.prompt_width + cfg.block_length
     with torch.no_grad():
-        if cache == "none":
+        if mode == "none":
             step_s = timed(lambda: adapter.logits(canvas.x, canvas.attention_mask), device, cfg.reps)
             refresh_s = step_s
         else:
-            ctx = ContextCache(adapter, cache)
+            ctx = ContextCache(adapter, mode, static["static_cache"], static["cuda_graph"])
+            ctx.refresh(canvas.x, canvas.attention_mask, lo, hi)  # allocates the static slots (and the graph)
             refresh_s = timed(lambda: ctx.refresh(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
             step_s = timed(lambda: ctx.step(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
     engine = Sampler(adapter, decode)

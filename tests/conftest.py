@@ -78,3 +78,15 @@ def teacher():
     import dparallel
 
     return dparallel.load("builtin:tiny-teacher", device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests need CUDA: skipped (with the reason) where there is none, as on CI."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run bench/device.sh on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -13,7 +13,7 @@ def test_bench_writes_consistent_json(tmp_path):
         "recipes/tiny/bench.yaml",
         f"run_dir={tmp_path}",
         "bench.batches=[2]",
-        "bench.caches=[dual,none]",
+        "bench.caches=[dual,none,dual-static]",
         "bench.context=24",
         "bench.block_length=16",
         "bench.steps=4",
@@ -30,7 +30,7 @@ def test_bench_writes_consistent_json(tmp_path):
     assert exc.value.code == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["device"] == "cpu" and report["copy_bandwidth_gbs"] > 0
-    assert [(r["batch"], r["cache"]) for r in report["rows"]] == [(2, "dual"), (2, "none")]
+    assert [(r["batch"], r["cache"]) for r in report["rows"]] == [(2, "dual"), (2, "none"), (2, "dual-static")]
     for r in report["rows"]:
         assert r["nfe"] == 4 and r["tpf"] == 16 / 4  # EOS suppressed: every answer fills its block
         assert r["floor_ratio"] == pytest.approx(r["ms_per_forward"] / r["floor_ms"])

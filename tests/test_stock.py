@@ -194,3 +194,24 @@ def test_checking_block_ends_every_few_steps_changes_nothing_but_host_syncs(rule
     assert torch.equal(every[0], rarely[0]) and torch.equal(every[1], rarely[1])
     assert [s.nfe for s in every[2]] == [s.nfe for s in rarely[2]]
     assert max(s.nfe for s in every[2]) < 16  # blocks did end early, so the extra steps were exercised
+
+
+def test_cuda_graph_needs_the_static_cache_and_a_gpu():
+    with pytest.raises(DParallelError, match="cuda_graph=true replays the static cached step"):
+        DecodeConfig(cache="dual", cuda_graph=True).validate()
+    adapter = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=5)
+    config = DecodeConfig(gen_length=16, block_length=8, cache="dual", static_cache=True, cuda_graph=True)
+    with pytest.raises(DParallelError, match="cuda_graph=true needs a CUDA device"):
+        Sampler(adapter, config).run(adapter.encode(PROMPTS))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cuda_graph_replay_equals_the_eager_static_step(cache):
+    adapter = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=5)
+    adapter.model.to("cuda").eval()
+    prompts = adapter.encode(PROMPTS)
+    options = dict(rule="confidence", threshold=0.3, gen_length=32, block_length=8, cache=cache, static_cache=True)
+    eager = Sampler(adapter, DecodeConfig(**options)).run(prompts)
+    graph = Sampler(adapter, DecodeConfig(cuda_graph=True, **options)).run(prompts)
+    assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])

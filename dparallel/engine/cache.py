@@ -33,7 +33,7 @@ class ContextCache:
 
     refreshes = True  # the sampler calls ``refresh`` at a block's first step (BlockCache: always ``step``)
 
-    def __init__(self, adapter: ModelAdapter, mode: str, static: bool = False):
+    def __init__(self, adapter: ModelAdapter, mode: str, static: bool = False, cuda_graph: bool = False):
         require(mode in CACHE_MODES, f"cache={mode!r}: choose from {', '.join(CACHE_MODES)}")
         require(
             adapter.supports_cache,
@@ -43,6 +43,8 @@ class ContextCache:
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.context: torch.Tensor | None = None  # [Lc] canvas positions held in the cache, in cache order
         self.slots = None  # static: transformers' StaticCache over the whole canvas, one slot per position
+        self.cuda_graph = cuda_graph
+        self.graph = None  # cuda_graph: the captured static step (dparallel.engine.graphs.GraphStep)
 
     def query_span(self, lo: int, hi: int, length: int) -> tuple[int, int]:
         """The positions a cached step forwards: the block (dual) or the block and everything after (prefix). A
@@ -54,7 +56,12 @@ class ContextCache:
     def refresh(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward over the canvas; keep the context's keys/values. Returns logits [B, L, V]."""
         if self.static:
-            self.slots = self.slots or self.adapter.static_cache(x.shape[0], x.shape[1])
+            if self.slots is None:
+                self.slots = self.adapter.static_cache(x.shape[0], x.shape[1])
+                if self.cuda_graph:
+                    from dparallel.engine.graphs import GraphStep
+
+                    self.graph = GraphStep(self.adapter, self.slots)
             return self.adapter.prefill_static(x, attn, self.slots)
         logits, layers = self.adapter.prefill(x, attn)
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
@@ -68,18 +75,18 @@ class ContextCache:
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
         positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
         if self.static:  # the query's keys/values overwrite their own slots; every slot is a key
-            logits = self.adapter.extend_static(x[:, q_lo:q_hi], positions, attn, self.slots, q_lo)
-            return logits[:, lo - q_lo :]
+            step = self.graph or (lambda *a: self.adapter.extend_static(*a[:3], self.slots, a[3]))
+            return step(x[:, q_lo:q_hi], positions, attn, q_lo)[:, lo - q_lo :]
         keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         logits = self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
         return logits[:, lo - q_lo :]  # a shifted family's leading row only fed the window's first logit
 
 
-def build_cache(adapter: ModelAdapter, mode: str, static: bool = False):
+def build_cache(adapter: ModelAdapter, mode: str, static: bool = False, cuda_graph: bool = False):
     """The cache object of ``mode``: Fast-dLLM's prefix/dual caches (``static``: in a preallocated StaticCache),
     or the exact block cache of a converted block-diffusion model (``block``)."""
     if mode == "block":
         from dparallel.ar2diff.cache import BlockCache
 
         return BlockCache(adapter)
-    return ContextCache(adapter, mode, static)
+    return ContextCache(adapter, mode, static, cuda_graph)

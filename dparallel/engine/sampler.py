@@ -52,6 +52,7 @@ class DecodeConfig:
     cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
     cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
     static_cache: bool = False  # prefix/dual: keys/values in a preallocated StaticCache (fixed shapes, graph-ready)
+    cuda_graph: bool = False  # with static_cache on a GPU: replay each cached step from a captured CUDA graph
     sync_every: int = 1  # threshold rules: look on the host whether a block is done every N steps (1 = each step)
     eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
     k: int = 1  # marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)
@@ -76,6 +77,10 @@ class DecodeConfig:
         require(self.topk_ties in TOPK_TIES, f"topk_ties={self.topk_ties!r}: choose from {', '.join(TOPK_TIES)}")
         require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
         require(self.sync_every >= 1, f"sync_every={self.sync_every} must be >= 1")
+        require(
+            not self.cuda_graph or (self.static_cache and self.cache in ("prefix", "dual")),
+            "cuda_graph=true replays the static cached step: set cache=dual (or prefix) and static_cache=true",
+        )
         require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
         require(
             isinstance(self.k, int) and 1 <= self.k <= self.block_length,
@@ -293,7 +298,7 @@ class Sampler:
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass
-        cache = build_cache(self.adapter, cfg.cache, cfg.static_cache) if cfg.cache != "none" else None
+        cache = build_cache(self.adapter, cfg.cache, cfg.static_cache, cfg.cuda_graph) if cfg.cache != "none" else None
         nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         self.rule.begin_run(len(prompts), device)
         start, calls = time.perf_counter(), 0
