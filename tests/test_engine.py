@@ -253,7 +253,7 @@ def test_generator_draws_equal_global_rng():
 
 
 # ---- batched == unbatched (left padding + attention mask) on the trained teacher ----------------------------------
-TEACHER_PROMPTS = ["reverse: hello\n", "sum: 3 7 5\n", "shuffle: abcdefgh\n"]
+TEACHER_PROMPTS = ["reverse: qwertyuiopasdfgh\n", "sum: 3 7 5\n", "shuffle: abcdefghijkl\n"]
 RULES = {
     "topk": dict(rule="topk"),
     "confidence": dict(rule="confidence", threshold=0.9),
@@ -378,10 +378,10 @@ def test_stats(teacher):
         assert s.answer_tokens == (row.index(eos) + 1 if eos in row else len(row))
         assert 4 <= s.nfe <= 32  # at least one forward per block, at most one per token
         assert s.tpf == pytest.approx(s.answer_tokens / s.nfe) and s.to_dict()["tpf"] == s.tpf
-    assert stats[0].answer_tokens == 6 and teacher.decode(tokens[0].tolist()) == "olleh"  # 5 letters + EOS
+    assert stats[0].answer_tokens == 17 and teacher.decode(tokens[0].tolist()) == "hgfdsapoiuytrewq"  # 16 + EOS
     _, _, stats = Sampler(teacher, DecodeConfig(rule="topk", gen_length=32, block_length=8, steps=16)).run(prompts)
     assert [s.nfe for s in stats] == [16, 16, 16]
-    assert stats[0].tpf == 6 / 16
+    assert stats[0].tpf == 17 / 16
 
 
 def test_answer_length_stops_at_eos_or_eot(tiny):

@@ -2,6 +2,7 @@
 
 import torch
 from dparallel.data.sft import SuiteBatches, collate
+from dparallel.data.suite import is_correct
 from dparallel.data.tokenizer import build_char_tokenizer
 from omegaconf import OmegaConf
 
@@ -10,6 +11,7 @@ from dparallel.commands import train
 from dparallel.config import load_recipe
 from dparallel.pretrain import mask_ratios, mdlm_loss
 
+PINNED_TEACHER = ["hgfdsapoiuytrewq", "adefghiopqrstuwy", "adbc, dacb, bcda, cbad", "flkeodnpcgahjibm"]
 TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
 
 
@@ -94,8 +96,15 @@ def test_resume_with_a_changed_recipe_is_refused_in_one_line(tmp_path, capsys):
 
 def test_shipped_teacher_solves_pinned_prompts():
     gen = dparallel.load("builtin:tiny-teacher", device="cpu")
-    prompts = ["reverse: hello\n", "add: 4700+3215\n", "sort: dcba\n"]
-    outs = gen.generate(prompts, rule="confidence", threshold=0.9, gen_length=128, block_length=32)
-    assert [o.text for o in outs] == ["olleh", "0+5+0=05,0+1+0=01,7+2+0=09,4+3+0=07 ####7915", "abcd"]
-    assert all(o.stats.nfe < 32 for o in outs)
-    assert OmegaConf.create(gen.adapter.model.config.to_dict()).num_hidden_layers == 6
+    assert gen.defaults == {"gen_length": 32, "block_length": 32}  # the suite's canvas, one block
+    prompts = [
+        "reverse: qwertyuiopasdfgh\n",
+        "sort: qwertyuiopasdfgh\n",
+        "latin square: abcd\n",
+        "shuffle: abcdefghijklmnop\n",
+    ]
+    outs = gen.generate(prompts, rule="topk")  # one token per step: the teacher's sequential answers
+    assert [o.text for o in outs] == PINNED_TEACHER
+    tasks = ["reverse", "sort", "latin_square", "shuffle"]
+    assert all(is_correct(t, p, o.text) for t, p, o in zip(tasks, prompts, outs))  # each one a valid answer
+    assert OmegaConf.create(gen.adapter.model.config.to_dict()).num_hidden_layers == 4
