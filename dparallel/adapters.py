@@ -356,8 +356,13 @@ def _qwen2_layer_config(config):
         num_key_value_heads=config.num_key_value_heads,
         rms_norm_eps=config.rms_norm_eps,
         max_position_embeddings=config.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(getattr(config, "rope_theta", 1e6))},
+        rope_parameters={"rope_type": "default", "rope_theta": float(_rope_theta(config))},
     )
+
+
+def _rope_theta(config) -> float:
+    """RoPE's base: transformers 5 configs keep it in ``rope_parameters``, remote-code configs as ``rope_theta``."""
+    return (getattr(config, "rope_parameters", None) or {}).get("rope_theta") or getattr(config, "rope_theta", 1e6)
 
 
 class LLaDARemoteAdapter(ModelAdapter):
