@@ -29,6 +29,7 @@ class BlockCache:
 
     mode = "block"
     refreshes = False
+    lead = 0  # a step's logits start at the window (ContextCache.lead)
 
     def __init__(self, adapter, mode: str = "block"):
         require(

@@ -71,7 +71,7 @@ def evaluate(
     answer_len = [len(a) for a in answers]
     generators: dict[str | None, Generator] = {None: generator}
     ids: dict[str | None, list[list[int]]] = {}
-    rows, outputs = [], {}
+    rows, outputs, warned = [], {}, set()
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
         name, reference, model = spec["name"], spec.get("reference"), spec.get("model")
@@ -89,7 +89,9 @@ def evaluate(
         wall = time.perf_counter() - start
         outputs[name] = gens
         gen_length = gen_model.decode_config(**spec).gen_length
-        warn_truncated(examples, answer_len, gen_length)
+        if gen_length not in warned:  # once per canvas, not once per decoder
+            warn_truncated(examples, answer_len, gen_length)
+            warned.add(gen_length)
         rows += _decoder_rows(name, examples, gens, answer_len, gen_length, wall)
         if progress:
             macro = rows[-1]

@@ -46,12 +46,17 @@ class ContextCache:
         self.cuda_graph = cuda_graph
         self.graph = None  # cuda_graph: the captured static step (dparallel.engine.graphs.GraphStep)
 
+    @property
+    def lead(self) -> int:
+        """Positions a step's query starts before the window: a shifted family (Dream) predicts position lo from
+        lo - 1, so its query starts one position earlier (and its hidden states are cut the same way)."""
+        return int(self.adapter.shift_logits)
+
     def query_span(self, lo: int, hi: int, length: int) -> tuple[int, int]:
-        """The positions a cached step forwards: the block (dual) or the block and everything after (prefix). A
-        shifted family (Dream) predicts position lo from lo - 1, so its query starts one position earlier."""
-        lead = int(self.adapter.shift_logits)
-        require(lo - lead >= 0, "a shifted model needs a prompt before the canvas to decode with a cache")
-        return (lo - lead, hi) if self.mode == "dual" else (lo - lead, length)
+        """The positions a cached step forwards: the block (dual) or the block and everything after (prefix), from
+        ``lead`` positions before the block."""
+        require(lo - self.lead >= 0, "a shifted model needs a prompt before the canvas to decode with a cache")
+        return (lo - self.lead, hi) if self.mode == "dual" else (lo - self.lead, length)
 
     def refresh(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Full forward over the canvas; keep the context's keys/values. Returns logits [B, L, V]."""
@@ -75,11 +80,15 @@ class ContextCache:
         q_lo, q_hi = self.query_span(lo, hi, x.shape[1])
         positions = position_ids_from_mask(attn)[:, q_lo:q_hi]
         if self.static:  # the query's keys/values overwrite their own slots; every slot is a key
-            step = self.graph or (lambda *a: self.adapter.extend_static(*a[:3], self.slots, a[3]))
+            step = self.graph or self._static_step
             return step(x[:, q_lo:q_hi], positions, attn, q_lo)[:, lo - q_lo :]
         keys = torch.cat([attn[:, self.context], attn[:, q_lo:q_hi]], dim=1)  # [B, Lc + Wq]: context, then query
         logits = self.adapter.extend(x[:, q_lo:q_hi], positions, keys, self.layers)
         return logits[:, lo - q_lo :]  # a shifted family's leading row only fed the window's first logit
+
+    def _static_step(self, ids: torch.Tensor, positions: torch.Tensor, attn: torch.Tensor, offset: int) -> torch.Tensor:
+        """The eager static step (what GraphStep replays): rewrite the query's slots, attend over all of them."""
+        return self.adapter.extend_static(ids, positions, attn, self.slots, offset)
 
 
 def build_cache(adapter: ModelAdapter, mode: str, static: bool = False, cuda_graph: bool = False):

@@ -250,10 +250,6 @@ class Sampler:
             return cache.refresh(canvas.x, canvas.attention_mask, lo, hi)[:, lo:hi], lo
         return cache.step(canvas.x, canvas.attention_mask, lo, hi)[:, : hi - lo], lo
 
-    def _lead(self, cache) -> int:
-        """Positions a cached step's query starts before the window: 1 for a shifted family under a context cache."""
-        return int(self.adapter.shift_logits) if isinstance(cache, ContextCache) else 0
-
     # ---- End-of-Text prediction (EoTP) ---------------------------------------------------------------------
     def _end_token(self, tokens: torch.Tensor) -> torch.Tensor:
         ids = self.adapter.ids
@@ -323,7 +319,9 @@ class Sampler:
                 hidden = (
                     None
                     if captured is None
-                    else _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1], self._lead(cache))
+                    else _align_hidden(
+                        captured.hidden, logits.shape[1], first, canvas.x.shape[1], cache.lead if cache else 0
+                    )
                 )
                 span = slice(first, first + logits.shape[1])
                 tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
