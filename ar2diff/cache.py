@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 
 class BlockCache:
@@ -33,7 +33,7 @@ class BlockCache:
 
     def __init__(self, adapter, mode: str = "block"):
         require(
-            getattr(adapter, "family", "") == "block",
+            "block" in getattr(adapter, "cache_modes", ()),
             f"cache=block needs a converted block-diffusion model (family block), not {adapter.family!r}",
         )
         self.adapter = adapter

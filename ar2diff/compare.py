@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dparallel.data.suite import GEN_LENGTH, TASKS
 from omegaconf import OmegaConf
 
-from dparallel.io import atomic_write_json, atomic_write_text
+from dparallel.core.io import atomic_write_json, atomic_write_text
+from dparallel.data.suite import GEN_LENGTH, TASKS
 
 
 def block_decoders(block_size: int, gen_length: int, thresholds: list[float], sub_block: int | None) -> list[dict]:
@@ -38,8 +38,8 @@ def compare(
     batch_size: int = 120,
 ) -> list[dict]:
     """Macro rows of both models (the AR parent's first), with ``accuracy_ratio`` and ``wall_per_answer_s``."""
-    from dparallel.evaluate import evaluate
-    from dparallel.generator import load
+    from dparallel.commands.evaluate import evaluate
+    from dparallel.engine.pipeline import load
 
     suite = {"tasks": tasks, "split": "test", "n_per_task": n, "seed": 0}
     parent = load(ar, family="ar", device="cpu")

@@ -2,7 +2,7 @@
 
 - ``ar``: any ``AutoModelForCausalLM`` read causally. Its logits are shifted back (``logits[:, i]`` predicts token
   i) so training code sees the same alignment as every family; it decodes greedily with transformers' own
-  ``generate`` and KV cache (:class:`ARSampler`), one token per forward.
+  ``generate`` and KV cache (:class:`ARDecoder`), one token per forward.
 - ``block``: the converted model, the same stock class with block-causal attention (see ``ar2diff.masks``). Its
   settings live in the model's ``config.json`` under ``dparallel_block`` (``block_size``, ``context_causal``,
   ``token_shift``), so the folder alone says how to read it. The uncached forward runs the whole canvas; the
@@ -11,15 +11,12 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
-from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dparallel.adapters import ModelAdapter, SpecialIds, position_ids_from_mask, register_family
-from dparallel.engine.sampler import DecodeConfig, DecodeStats
-from dparallel.errors import require
+from dparallel.adapters.base import ModelAdapter, SpecialIds, position_ids_from_mask
+from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks
+from dparallel.core.errors import require
 
 MASK_TOKEN = "<|mask|>"  # added to a tokenizer that has no mask token (Qwen2.5 has spare embedding rows)
 CAUSAL_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,62 +40,17 @@ class CausalFamily(ModelAdapter):
         return SpecialIds(mask=mask, eos=eos, eot=eos, pad=pad)
 
 
-@register_family
 class ARAdapter(CausalFamily):
     """A stock causal LM decoded autoregressively (the parent of a conversion, and its baseline)."""
 
     family = "ar"
+    decoder = "ar"  # decoded by dparallel.ar2diff.decoding.ARDecoder (transformers' generate + KV cache)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = position_ids_from_mask(attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
-
-    @property
-    def sampler_class(self) -> type:
-        return ARSampler
-
-
-class ARSampler:
-    """Greedy decoding through ``model.generate`` (transformers' KV cache). Same interface as the engine's
-    ``Sampler``: the answer canvas [B, G] (EOS after the first EOS), the commit order and per-row stats; NFE is the
-    row's answer length (one forward per token, the prompt's prefill included in the first)."""
-
-    def __init__(self, adapter: ARAdapter, config: DecodeConfig, rule=None):
-        config.validate()
-        require(config.temperature == 0, "the ar family decodes greedily: set temperature=0")
-        self.adapter, self.config = adapter, config
-
-    @torch.no_grad()
-    def run(self, prompts: list[list[int]], on_step=None) -> tuple[torch.Tensor, torch.Tensor, list[DecodeStats]]:
-        require(on_step is None, "the ar family does not report per-step statistics: record with a diffusion model")
-        ids, G = self.adapter.ids, self.config.gen_length
-        width = max(len(p) for p in prompts)
-        x = torch.tensor([[ids.pad] * (width - len(p)) + p for p in prompts], device=self.adapter.device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=x.device)
-        start = time.perf_counter()
-        out = self.adapter.model.generate(
-            input_ids=x,
-            attention_mask=attn,
-            max_new_tokens=G,
-            do_sample=False,
-            eos_token_id=sorted({ids.eos, ids.eot}),
-            pad_token_id=ids.pad,
-        )
-        wall = time.perf_counter() - start
-        canvas = torch.full((len(prompts), G), ids.eos, dtype=torch.long, device=x.device)
-        new = out[:, width:]
-        canvas[:, : new.shape[1]] = new
-        ended = (canvas == ids.eos) | (canvas == ids.eot)
-        after = ended.long().cumsum(1) - ended.long() > 0  # positions after the first EOS/EoT
-        canvas = canvas.masked_fill(after, ids.eos)
-        order = torch.arange(G, device=x.device)[None, :].expand(len(prompts), -1).clone()
-        stats = []
-        for row in canvas.tolist():
-            n = self.adapter.answer_length(row)
-            stats.append(DecodeStats(n, n, wall / len(prompts)))
-        return canvas, order, stats
 
 
 def block_settings(model: PreTrainedModel) -> dict:
@@ -111,11 +63,11 @@ def block_settings(model: PreTrainedModel) -> dict:
     return settings
 
 
-@register_family
 class BlockAdapter(CausalFamily):
     """A converted block-diffusion model (stock causal-LM class, block-causal 4D mask)."""
 
     family = "block"
+    cache_modes = ("none", "block")  # block: the exact block-wise KV cache (dparallel.ar2diff.cache)
 
     def __init__(self, model: PreTrainedModel, tokenizer, ids: SpecialIds, name: str = "", revision: str = ""):
         super().__init__(model, tokenizer, ids, name, revision)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 
 def block_ids(length: int, block_size: int, device=None) -> torch.Tensor:

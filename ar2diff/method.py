@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dparallel.data.sft import SuiteBatches, collate, pad_answer
-from dparallel.data.sources import SourceConfig
-from dparallel.data.suite import TASKS
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, IterableDataset
 
-from dparallel.distill import _load_dtype
-from dparallel.errors import require
-from dparallel.training import DParallelModule
-
-
-@dataclass
-class ARConfig:
-    source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="suite"))  # suite, or jsonl/csv/hf
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    gen_lengths: list[int] = field(default_factory=lambda: [64])  # answer canvas per batch (EOS-padded)
-    init: str = "pretrained"  # pretrained (model.path, read causally) | scratch (a fresh model from `tiny`)
-    save_dtype: str = "bfloat16"
+from dparallel.core.errors import require
+from dparallel.core.runtime import weights_dtype
+from dparallel.data.config import SourceConfig
+from dparallel.data.sft import SuiteBatches, collate, pad_answer
+from dparallel.methods.base import DParallelModule, prepare_for_training
 
 
 class ItemBatches(IterableDataset):
@@ -66,9 +55,9 @@ class ItemBatches(IterableDataset):
 
 def train_loader(cfg: DictConfig, section: DictConfig, adapter, micro: int, start_batch: int) -> DataLoader:
     """The synthetic suite (``source.kind=suite``) or a custom (prompt, answer) source, rank-sharded."""
-    from dparallel.methods import _rank_world
+    from dparallel.core.runtime import rank_world
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     ids = adapter.ids
     if section.source.kind == "suite":
         stream = SuiteBatches(
@@ -79,15 +68,6 @@ def train_loader(cfg: DictConfig, section: DictConfig, adapter, micro: int, star
         src = SourceConfig(**OmegaConf.to_container(section.source))
         stream = ItemBatches(adapter, src, micro, list(section.gen_lengths), cfg.train.seed, rank, world, start_batch)
     return DataLoader(stream, batch_size=None, num_workers=cfg.train.num_workers)
-
-
-def _finish(adapter, cfg: DictConfig) -> None:
-    if cfg.lora.enabled:
-        from dparallel.training import apply_lora
-
-        apply_lora(adapter, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        adapter.model.gradient_checkpointing_enable()
 
 
 # ---- ar -------------------------------------------------------------------------------------------------------
@@ -107,25 +87,29 @@ class ARModule(DParallelModule):
 
 
 def build_ar(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.adapters.load import load_adapter
     from dparallel.ar2diff.family import ARAdapter
 
-    from dparallel.adapters import load_adapter
-
     if cfg.ar.init == "scratch":
-        from dparallel.tiny import new_tiny_adapter
+        from dparallel.adapters.tiny import new_tiny_adapter
 
         tiny = new_tiny_adapter(cfg.tiny, seed=cfg.train.seed)
         adapter = ARAdapter(tiny.model, tiny.tokenizer, ARAdapter.default_ids(tiny.tokenizer), name="tiny-ar")
     else:
         require(cfg.ar.init == "pretrained", f"ar.init={cfg.ar.init!r}: use pretrained or scratch")
-        adapter = load_adapter(cfg.model.path, family="ar", dtype=_load_dtype(cfg), revision=cfg.model.revision)
+        adapter = load_adapter(
+            cfg.model.path,
+            family="ar",
+            dtype=weights_dtype(cfg.model.dtype, cfg.model.device, frozen=cfg.lora.enabled),
+            revision=cfg.model.revision,
+        )
     adapter.model.train()
-    _finish(adapter, cfg)
+    prepare_for_training(adapter, cfg)
     return ARModule(cfg, adapter), train_loader(cfg, cfg.ar, adapter, micro, start_batch)
 
 
 def save_ar(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
-    from dparallel.tiny import save_model_folder
+    from dparallel.adapters.folder import save_model_folder
 
     save_model_folder(module.adapter, out, dtype=cfg.ar.save_dtype, recipe=cfg)
 
@@ -135,9 +119,8 @@ def convert(adapter, block_size: int, context_causal: bool, token_shift: bool):
     """A loaded AR adapter -> a ``BlockAdapter`` over the same stock model: a mask token is added to a tokenizer
     without one (the embedding grows only when the vocabulary has no spare row) and the block settings are
     written into the model config (saved in config.json)."""
+    from dparallel.adapters.base import SpecialIds
     from dparallel.ar2diff.family import MASK_TOKEN, BlockAdapter
-
-    from dparallel.adapters import SpecialIds
 
     tok, model = adapter.tokenizer, adapter.model
     if tok.mask_token_id is None:
@@ -154,20 +137,24 @@ def convert(adapter, block_size: int, context_causal: bool, token_shift: bool):
 
 
 def build_ar2diff(cfg: DictConfig, micro: int, start_batch: int):
+    from dparallel.adapters.load import load_adapter
     from dparallel.ar2diff.module import BlockDiffusionModule
-
-    from dparallel.adapters import load_adapter
 
     s = cfg.ar2diff
     family = cfg.model.family or "ar"
-    parent = load_adapter(cfg.model.path, family=family, dtype=_load_dtype(cfg), revision=cfg.model.revision)
+    parent = load_adapter(
+        cfg.model.path,
+        family=family,
+        dtype=weights_dtype(cfg.model.dtype, cfg.model.device, frozen=cfg.lora.enabled),
+        revision=cfg.model.revision,
+    )
     adapter = convert(parent, s.block_size, s.context_causal or s.ar_loss_weight > 0, s.token_shift)
     adapter.model.train()
-    _finish(adapter, cfg)
+    prepare_for_training(adapter, cfg)
     return BlockDiffusionModule(cfg, adapter), train_loader(cfg, s, adapter, micro, start_batch)
 
 
-def save_block(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
-    from dparallel.tiny import save_model_folder
+def save_ar2diff(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.adapters.folder import save_model_folder
 
     save_model_folder(module.adapter, out, dtype=cfg.ar2diff.save_dtype, recipe=cfg)

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
 from dparallel.data.trajectory import TOKENIZER_DIR, load_trajectories, read_manifest, state_at
 
 MASKED = "░"

@@ -13,38 +13,15 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from dparallel.data.sources import Item, SourceConfig, build_checker, load_items, source_name
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.config import COMMAND_SECTIONS
-from dparallel.errors import DParallelError, require
-
-
-@dataclass
-class RecordConfig:
-    source: SourceConfig = field(default_factory=SourceConfig)
-    out: str = "${run_dir}/trajectories"  # output folder: shard-NNNNN/ + sidecars, manifest.json, tokenizer/
-    shard_size: int = 256  # prompts per shard: the unit of resume and of each rank's work
-    batch_size: int = 32  # prompts per engine call
-    features: bool = False  # also store dense per-step pred, conf, entropy, margin [steps, G] (Learn2PD's inputs)
-    keep: str = "all"  # all | correct (drop records the checker marks wrong)
-    checker: str = "auto"  # auto (suite: its own; else none) | none | exact | last_number | suite | module:function
-    dedup: bool = True  # drop repeated prompts (by hash), keeping the first
-    max_shards: int | None = None  # stop after writing this many shards in this run (a rerun resumes)
-    wait_timeout_s: float = 3600.0  # how long ranks wait for each other at the end before failing
-
-
-COMMAND_SECTIONS["record"] = RecordConfig
-
-
-def _rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+from dparallel.core.errors import DParallelError, require
+from dparallel.core.io import atomic_dir
+from dparallel.core.runtime import rank_world
+from dparallel.data.sources import Item, build_checker, load_items, source_name
 
 
 def _hash(obj) -> str:
@@ -54,8 +31,7 @@ def _hash(obj) -> str:
 def record(cfg: DictConfig) -> Path:
     """Record the recipe's teacher (``model``) with its ``decode`` rule over ``record.source`` into ``record.out``."""
     from dparallel.data import trajectory as T
-
-    from dparallel.engine.sampler import DecodeConfig
+    from dparallel.engine.config import DecodeConfig
 
     rc = cfg.record
     require(rc.keep in ("all", "correct"), f"record.keep={rc.keep!r}: use all or correct")
@@ -73,7 +49,7 @@ def record(cfg: DictConfig) -> Path:
         "prompts_sha256": _hash([(it.id, it.prompt, it.answer) for it in items]),
     }
     config_hash = _hash(spec)
-    out, rank, world = Path(rc.out), *_rank_world()
+    out, rank, world = Path(rc.out), *rank_world()
     n_shards = math.ceil(len(items) / rc.shard_size)
     if (out / T.MANIFEST).is_file():
         manifest = T.read_manifest(out)
@@ -85,7 +61,7 @@ def record(cfg: DictConfig) -> Path:
             print(f"{out} is already recorded ({manifest['counts']['records']} records): nothing to do", flush=True)
         return out
     if rank == 0:
-        from dparallel.config import save_recipe
+        from dparallel.core.io import save_recipe
 
         save_recipe(cfg, cfg.run_dir)
     mine = list(range(rank, n_shards, world))
@@ -105,18 +81,7 @@ def record(cfg: DictConfig) -> Path:
     if missing:
         print(f"{len(missing)} of {n_shards} shards still to record (stopped early): rerun to resume", flush=True)
         return out
-    manifest = {
-        "config_hash": config_hash,
-        **spec,
-        "teacher": {**spec["teacher"], **infos[0]["teacher"]},
-        "ids": infos[0]["ids"],
-        "tokenizer": T.TOKENIZER_DIR if (out / T.TOKENIZER_DIR).is_dir() else None,
-        "counts": {
-            "prompts": len(items),
-            **{k: sum(info[k] for info in infos) for k in ("records", "checked", "correct")},
-        },
-        "shards": [{"name": info["shard"], **{k: info[k] for k in ("prompts", "records", "sha256")}} for info in infos],
-    }
+    manifest = _manifest(out, config_hash, spec, infos, len(items))
     T.write_manifest(out, manifest)
     c = manifest["counts"]
     rate = f", {c['correct']}/{c['checked']} correct" if c["checked"] else ""
@@ -124,8 +89,24 @@ def record(cfg: DictConfig) -> Path:
     return out
 
 
+def _manifest(out: Path, config_hash: str, spec: dict, infos: list[dict], prompts: int) -> dict:
+    """The folder's manifest.json from the recording spec and every shard's sidecar."""
+    from dparallel.data.trajectory import TOKENIZER_DIR
+
+    counts = {k: sum(info[k] for info in infos) for k in ("records", "checked", "correct")}
+    return {
+        "config_hash": config_hash,
+        **spec,
+        "teacher": {**spec["teacher"], **infos[0]["teacher"]},
+        "ids": infos[0]["ids"],
+        "tokenizer": TOKENIZER_DIR if (out / TOKENIZER_DIR).is_dir() else None,
+        "counts": {"prompts": prompts, **counts},
+        "shards": [{"name": info["shard"], **{k: info[k] for k in ("prompts", "records", "sha256")}} for info in infos],
+    }
+
+
 def _device(cfg: DictConfig) -> str:
-    from dparallel.generator import pick_device
+    from dparallel.core.runtime import pick_device
 
     device = pick_device(cfg.model.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -135,10 +116,10 @@ def _device(cfg: DictConfig) -> str:
 
 def _record_shards(cfg, decode, items, checker, todo, out, config_hash, rank) -> bool:
     """Record this rank's unfinished shards. Returns True when record.max_shards stopped it early."""
-    from dparallel.data import trajectory as T
     from tqdm import tqdm
 
-    from dparallel.adapters import load_adapter
+    from dparallel.adapters.load import load_adapter
+    from dparallel.data import trajectory as T
 
     rc = cfg.record
     device = _device(cfg)
@@ -190,7 +171,7 @@ def record_batch(adapter, decode, batch: list[Item], rc, checker, cfg=None) -> l
     import numpy as np
     import torch
 
-    from dparallel.engine.sampler import Sampler
+    from dparallel.engine.decoder import Decoder
 
     ids = adapter.encode([it.prompt for it in batch], rc.source.chat_template)
     steps_log: list[tuple] = []
@@ -198,7 +179,7 @@ def record_batch(adapter, decode, batch: list[Item], rc, checker, cfg=None) -> l
     def on_step(call, row_steps, tokens, stats):
         steps_log.append((row_steps, tokens.to(torch.int32), {k: v.to(torch.float16) for k, v in stats.items()}))
 
-    tokens, order, stats = Sampler(adapter, decode).run(ids, on_step=on_step if rc.features else None)
+    tokens, order, stats = Decoder(adapter, decode).run(ids, on_step=on_step if rc.features else None)
     tokens, order = tokens.cpu().numpy().astype(np.int32), order.cpu().numpy().astype(np.int32)
     if rc.features:
         rows = torch.stack([s[0] for s in steps_log]).cpu().numpy()  # [calls, B]
@@ -236,16 +217,11 @@ def _save_tokenizer(adapter, out: Path) -> None:
     target = out / TOKENIZER_DIR
     if target.is_dir():
         return
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".{TOKENIZER_DIR}.", suffix=".tmp"))
     try:
-        adapter.tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            adapter.tokenizer.save_pretrained(str(tmp))
     except OSError:
         pass  # only a convenience for rendering: never fail a recording over it
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _wait_for_ranks(world: int, timeout: float) -> bool:

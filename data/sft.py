@@ -11,10 +11,10 @@ import random
 from collections.abc import Iterator
 
 import torch
-from dparallel.data.suite import make_example, validate_tasks
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dparallel.errors import require
+from dparallel.core.errors import require
+from dparallel.data.suite import make_example, validate_tasks
 
 
 def pad_answer(ids: list[int], gen_length: int, eos_id: int) -> list[int]:

@@ -13,35 +13,11 @@ import importlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dparallel.config import SuiteConfig
-from dparallel.errors import DParallelError, first_line, require
-
-KINDS = ("auto", "suite", "jsonl", "csv", "parquet", "hf")
-CHECKERS = ("auto", "none", "exact", "last_number", "suite")
-
-
-@dataclass
-class RecordSuiteConfig(SuiteConfig):
-    """The suite as a prompt source: its train split by default (evaluation uses test)."""
-
-    split: str = "train"  # train | test | longer
-    n_per_task: int = 100  # examples per task
-
-
-@dataclass
-class SourceConfig:
-    kind: str = "auto"  # auto (from path: .jsonl/.json, .csv, .parquet, a folder = saved HF dataset; none = suite)
-    path: str | None = None  # the file or folder (kind != suite)
-    split: str | None = None  # hf: the split of a saved DatasetDict (default: train, or its only split)
-    prompt_column: str = "prompt"
-    answer_column: str | None = "answer"  # reference answers (optional: used when the column exists)
-    id_column: str | None = None  # example ids (default: the row number)
-    chat_template: bool = False  # wrap each prompt in the tokenizer's chat template
-    limit: int | None = None  # keep the first N prompts (after dedup)
-    suite: RecordSuiteConfig = field(default_factory=RecordSuiteConfig)  # kind=suite
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.data.config import CHECKERS, KINDS
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 GEN_LENGTH = 32  # the default canvas: the longest answer (31 tokens) plus one EOS
 SPLITS: tuple[str, ...] = ("train", "test", "longer")

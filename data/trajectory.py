@@ -26,14 +26,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dparallel.errors import DParallelError, first_line, require
-from dparallel.io import atomic_write_json
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.io import atomic_write_json
 
 FORMAT = "dparallel.trajectories"
 SCHEMA_VERSION = 1
@@ -280,3 +280,39 @@ def load_trajectories(path: str | Path, verify: bool = True):
 def read_trajectories(path: str | Path, verify: bool = True) -> Iterator[dict[str, Any]]:
     """Iterate the records of a trajectory folder as dicts (lists for arrays, ``meta`` a dict)."""
     yield from load_trajectories(path, verify=verify)
+
+
+def select_records(
+    path: str | Path,
+    keys: Sequence[str],
+    hint: str,
+    only_correct: bool = False,
+    max_records: int | None = None,
+    check: Callable[[dict], None] | None = None,
+    arrays: bool = True,
+) -> list[dict]:
+    """The records of a trajectory folder that a method trains on: ``keys`` of each (numpy arrays when ``arrays``),
+    those the teacher got wrong dropped when ``only_correct`` (``meta.correct``), at most ``max_records``, each
+    passed to ``check`` first. ``hint`` is how to record the folder when it is missing."""
+    require(Path(path).exists(), f"no trajectories at {path}: {hint}")
+    records = []
+    for r in read_trajectories(path):
+        if only_correct and (r.get("meta") or {}).get("correct") is False:
+            continue
+        if check is not None:
+            check(r)
+        records.append({k: np.asarray(r[k]) if arrays else r.get(k) for k in keys})
+        if max_records is not None and len(records) >= max_records:
+            break
+    require(len(records) > 0, f"no usable trajectories in {path} (all filtered out or none recorded)")
+    return records
+
+
+def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split by record (never by step: a record's steps are strongly correlated)."""
+    import torch
+
+    require(0.0 <= val_fraction < 1.0, f"val_fraction={val_fraction} must be in [0, 1)")
+    n_val = int(round(len(records) * val_fraction)) if len(records) > 1 else 0
+    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[i] for i in perm[n_val:]], [records[i] for i in perm[:n_val]]

@@ -1,6 +1,7 @@
 """``python -m dparallel COMMAND [RECIPE.yaml] [key=value ...]`` (also the ``dparallel`` console script).
 
 Bad input (a recipe key, a file, a value) prints one line ``dparallel: error: ...`` and exits with code 2.
+``dparallel COMMAND RECIPE --help`` lists that recipe's keys with its own values; it imports no torch.
 """
 
 from __future__ import annotations
@@ -8,38 +9,62 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
-from dparallel.errors import DParallelError
-from dparallel.paths import recipes_dir
+from dparallel.core.errors import DParallelError
+from dparallel.core.paths import recipes_dir
+
+
+@dataclass(frozen=True)
+class Command:
+    """A recipe command: its help line and the function (a path) that runs it on the loaded recipe."""
+
+    help: str
+    run: str
+
 
 COMMANDS = {
-    "train": "train the recipe's method (resumes from RUN_DIR/checkpoints/last.ckpt)",
-    "eval": "evaluate model.path on the synthetic suite with the recipe's decoders",
-    "generate": "decode prompts with model.path (or a folder given as MODEL) and the recipe's decode section",
-    "quickstart": "the whole pipeline on the embedded default, under run_dir",
-    "sweep": "run the recipe's sweep block: a wandb sweep, or --local to run the grid here",
-    "bench": "time the sampler against the bandwidth floor and LLaDA's reference loop; writes bench.json",
-    "record": "run the teacher (model, decode) over record.source and write trajectory shards + manifest.json",
+    "train": Command(
+        "train the recipe's method (resumes from RUN_DIR/checkpoints/last.ckpt)", "dparallel.commands.train:train"
+    ),
+    "eval": Command(
+        "evaluate model.path on the synthetic suite with the recipe's decoders",
+        "dparallel.commands.evaluate:evaluate_recipe",
+    ),
+    "generate": Command(
+        "decode prompts with model.path (or a folder given as MODEL) and the recipe's decode section",
+        "dparallel.commands.generate:generate",
+    ),
+    "quickstart": Command(
+        "the whole pipeline on the embedded default, under run_dir", "dparallel.commands.quickstart:quickstart"
+    ),
+    "sweep": Command(
+        "run the recipe's sweep block: a wandb sweep, or --local to run the grid here", "dparallel.commands.sweep:sweep"
+    ),
+    "bench": Command(
+        "time the decoder against the bandwidth floor and LLaDA's reference loop; writes bench.json",
+        "dparallel.commands.bench:bench",
+    ),
+    "record": Command(
+        "run the teacher (model, decode) over record.source and write trajectory shards + manifest.json",
+        "dparallel.data.record:record",
+    ),
 }
 
 
-def _keys_help() -> str:
-    import dparallel.methods  # noqa: F401  (registers the method sections)
-    from dparallel.config import describe_keys
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
-    lines = ["recipe keys (override any with key=value):"]
-    for key, default, doc in describe_keys():
-        lines.append(f"  {key:<34} {default:<22} {doc}")
-    return "\n".join(lines)
-
-
-class _KeysHelp(argparse.HelpFormatter):
-    def format_help(self) -> str:
-        return super().format_help() + "\n" + _keys_help() + "\n"
+    try:
+        return installed("dparallel")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dparallel", description="Train and run parallel decoders for dLLMs.")
+    parser.add_argument("--version", action="version", version=f"dparallel {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = sub.add_parser(
         "export",
@@ -57,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("dir", help="a trajectory folder written by `dparallel record` (holds manifest.json)")
     inspect.add_argument("--samples", type=int, default=1, help="records to render (default 1)")
-    for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_KeysHelp)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help, add_help=False)
+        p.add_argument("-h", "--help", action="store_true", help="this help, then the recipe's keys and values")
         p.add_argument(
             "args",
             nargs="*",
@@ -80,6 +106,48 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return head, [a for a in args if a != head]
 
 
+def _recipe_args(command: str, head: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """The recipe file and overrides of a command line: ``generate MODEL`` sets model.path, and its bare decoding
+    options (rule=entropy) belong to the decode section; ``quickstart`` defaults to the shipped recipe."""
+    if command == "quickstart" and head is None:
+        return str(recipes_dir() / "tiny" / "quickstart.yaml"), overrides
+    if command != "generate":
+        return head, overrides
+    import dataclasses
+
+    from dparallel.engine.config import DecodeConfig
+
+    recipe = head if head and head.endswith((".yaml", ".yml")) else None
+    if head and recipe is None:
+        overrides = [f"model.path={head}", *overrides]
+    keys = {f.name for f in dataclasses.fields(DecodeConfig)}
+    return recipe, [
+        o if "." in o.split("=", 1)[0] or o.split("=", 1)[0] not in keys else f"decode.{o}" for o in overrides
+    ]
+
+
+def _prompts(ns: argparse.Namespace) -> list[str]:
+    prompts = list(ns.prompt)
+    if ns.prompts_file:
+        if not os.path.isfile(ns.prompts_file):
+            raise DParallelError(f"prompts file {ns.prompts_file} not found")
+        prompts += [line.rstrip("\n") for line in open(ns.prompts_file) if line.strip()]
+    return [p.replace("\\n", "\n") for p in prompts]
+
+
+def _help(parser: argparse.ArgumentParser, command: str, recipe: str | None, overrides: list[str]) -> int:
+    """The command's usage, then every key of the recipe's sections with the recipe's value and its help."""
+    from dparallel.commands.recipe import describe_keys, load_recipe
+
+    sub = parser._subparsers._group_actions[0].choices[command]  # argparse keeps subparsers there
+    print(sub.format_help())
+    cfg = load_recipe(recipe, overrides, command=command)
+    print(f"recipe keys{f' of {recipe}' if recipe else ''} (override any with key=value):")
+    for key, value, doc in describe_keys(cfg):
+        print(f"  {key:<36} {value:<24} {doc}")
+    return 0
+
+
 def run(argv: list[str]) -> int:
     parser = build_parser()
     # key=value overrides may come after --prompt options: collect the positionals argparse left over.
@@ -89,59 +157,34 @@ def run(argv: list[str]) -> int:
     if ns.command == "data":
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        from dparallel.commands import inspect_data
+        from dparallel.data.inspect import inspect
 
-        inspect_data(ns.dir, samples=ns.samples)
+        print(inspect(ns.dir, samples=ns.samples), flush=True)
         return 0
     unknown = [e for e in extra if e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    head, overrides = _split(ns.args + extra)
-    from dparallel import commands
-    from dparallel.config import load_recipe
-
-    if ns.command == "generate":
-        recipe = head if head and head.endswith((".yaml", ".yml")) else None
-        if head and recipe is None:
-            overrides = [f"model.path={head}", *overrides]
-        from dparallel.generator import DECODE_KEYS
-
-        # Bare decoding options (rule=entropy threshold=0.5) belong to the decode section.
-        overrides = [
-            o if "." in o.split("=", 1)[0] or o.split("=", 1)[0] not in DECODE_KEYS else f"decode.{o}"
-            for o in overrides
-        ]
-        cfg = load_recipe(recipe, overrides)
-        prompts = list(ns.prompt)
-        if ns.prompts_file:
-            if not os.path.isfile(ns.prompts_file):
-                raise DParallelError(f"prompts file {ns.prompts_file} not found")
-            prompts += [line.rstrip("\n") for line in open(ns.prompts_file) if line.strip()]
-        commands.generate(cfg, [p.replace("\\n", "\n") for p in prompts], as_json=ns.json)
-        return 0
-    if ns.command == "quickstart":
-        from dparallel.quickstart import quickstart
-
-        quickstart(load_recipe(head or str(recipes_dir() / "tiny" / "quickstart.yaml"), overrides))
-        return 0
-    if head is None:
+    recipe, overrides = _recipe_args(ns.command, *_split(ns.args + extra))
+    if ns.help:
+        return _help(parser, ns.command, recipe, overrides)
+    if recipe is None and ns.command != "generate":
         raise DParallelError(f"{ns.command} needs a recipe: dparallel {ns.command} recipes/tiny/<recipe>.yaml")
-    cfg = load_recipe(head, overrides)
-    if ns.command == "train":
-        commands.train(cfg)
-    elif ns.command == "eval":
-        commands.evaluate_recipe(cfg)
-    elif ns.command == "bench":
-        commands.bench(cfg)
+    from dparallel.commands.recipe import load_recipe
+    from dparallel.core.registry import resolve
+
+    cfg = load_recipe(recipe, overrides, command=ns.command)
+    function = resolve(COMMANDS[ns.command].run)
+    if ns.command == "generate":
+        function(cfg, _prompts(ns), as_json=ns.json)
     elif ns.command == "sweep":
-        commands.sweep(cfg, head, overrides, local=ns.local)
-    elif ns.command == "record":
-        commands.record(cfg)
+        function(cfg, recipe, overrides, local=ns.local)
+    else:
+        function(cfg)
     return 0
 
 
 def _export(ns: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> int:
-    from dparallel.export import export_run, push_to_hub
+    from dparallel.commands.export import export_run, push_to_hub
 
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -157,9 +200,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # Lightning's info lines (accelerator summary, cloud-logging tips) drown our own progress output.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-tensor load/save bars
     try:
         code = run(sys.argv[1:] if argv is None else argv)
     except DParallelError as e:

@@ -20,150 +20,25 @@ rule commits every masked position with ``sigmoid(logit) > threshold``, plus the
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.data import IterableDataset
 
-from dparallel.adapters import ModelAdapter, SpecialIds, read_manifest
-from dparallel.components import HeadOnlyAdapter, base_vocab_size, load_weights, save_component
-from dparallel.engine.rules import Proposal, Rule, best_masked, token_statistics
-from dparallel.errors import DParallelError, require
-from dparallel.training import DParallelModule
-
-STATISTICS = ("conf", "entropy", "margin")  # recorded per step (engine.rules.token_statistics)
-FEATURES = (*STATISTICS, "mask", "position", "step")
-CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
-COMPONENT = "filter"
-
-
-@dataclass
-class FilterConfig:
-    trajectories: str = "runs/record-features/trajectories"  # recorded with record.features=true
-    block_length: int = 32  # W: the decoding block the filter sees (must divide the records' canvas)
-    hidden: int = 64  # width of the MLP's hidden layer
-    features: list[str] = field(default_factory=lambda: ["conf"])  # conf|entropy|margin|mask|position|step
-    threshold: float = 0.96  # commit a masked position when sigmoid(logit) > threshold (saved as the default)
-    class_balance: bool = False  # BCE pos_weight = negatives / positives of the training examples
-    pos_weight: float = 1.0  # BCE pos_weight when class_balance is false
-    val_fraction: float = 0.1  # records held out for precision / recall / false-positive rate
-    eval_every: int = 50  # steps between held-out evaluations (and at the last step)
-    only_correct_records: bool = False  # drop trajectories whose teacher answer was wrong
-    max_records: int | None = None  # use at most this many trajectories (None: all)
-    shuffle: bool = True  # reshuffle the examples every epoch
-
+from dparallel.adapters.base import SpecialIds
+from dparallel.core.errors import require
+from dparallel.engine.components import HeadOnlyAdapter, base_vocab_size, save_component
+from dparallel.filters.rule import COMPONENT, STATISTICS, FilterHead, block_features, statistics_of
+from dparallel.methods.base import DParallelModule, epoch_order
 
 # ---- the head and its features ------------------------------------------------------------------------------
 
 
-class FilterHead(nn.Module):
-    """Learn2PD's filter: Linear(W * F -> hidden) -> ReLU -> Linear(hidden -> W), one logit per block position."""
-
-    def __init__(self, block_length: int, features: Sequence[str] = ("conf",), hidden: int = 64):
-        super().__init__()
-        bad = [f for f in features if f not in FEATURES]
-        require(not bad and len(features) > 0, f"filter.features={list(features)}: choose from {', '.join(FEATURES)}")
-        self.block_length, self.features, self.hidden = block_length, tuple(features), hidden
-        self.net = nn.Sequential(
-            nn.Linear(block_length * len(features), hidden), nn.ReLU(), nn.Linear(hidden, block_length)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, W * F] (see :func:`block_features`) -> logits [N, W]."""
-        return self.net(x)
-
-
-def block_features(
-    stats: dict[str, torch.Tensor], masked: torch.Tensor, step: torch.Tensor | int, features: Sequence[str]
-) -> torch.Tensor:
-    """The head's input [N, W * F] from the block's per-position statistics ``stats`` (``conf``/``entropy``/
-    ``margin``, each [N, W]; only the ones ``features`` names are read), its mask state ``masked`` [N, W] and the
-    step inside the block ``step`` ([N] or an int). Committed positions read as certain (:data:`CERTAIN`). Shared
-    by training and decoding, so both see exactly the same features."""
-    n, w = masked.shape
-    parts = []
-    for name in features:
-        if name in STATISTICS:
-            require(name in stats, f"filter feature {name!r} was not recorded: record again with record.features=true")
-            parts.append(torch.where(masked, stats[name].float(), torch.tensor(CERTAIN[name], device=masked.device)))
-        elif name == "mask":
-            parts.append(masked.float())
-        elif name == "position":
-            parts.append((torch.arange(w, device=masked.device, dtype=torch.float32) / w).expand(n, w))
-        elif name == "step":
-            s = torch.as_tensor(step, device=masked.device, dtype=torch.float32).reshape(-1, 1)
-            parts.append((s / w).expand(n, w))
-        else:
-            raise DParallelError(f"unknown filter feature {name!r}: choose from {', '.join(FEATURES)}")
-    return torch.cat(parts, dim=1)
-
-
-def statistics_of(features: Sequence[str]) -> list[str]:
-    """The recorded statistics a feature list reads."""
-    return [f for f in features if f in STATISTICS]
-
-
 # ---- decoding rules -----------------------------------------------------------------------------------------
-
-
-class FilterRule(Rule):
-    """Learn2PD's decoder: commit masked positions whose ``sigmoid(filter) > threshold``, and always the
-    top-confidence masked one (so every active row commits at least one token per step)."""
-
-    name = "filter"
-
-    def __init__(self, head: FilterHead, threshold: float):
-        require(0.0 <= threshold < 1.0, f"filter threshold {threshold} must be in [0, 1)")
-        self.head, self.threshold = head, threshold
-        self.head_calls = 0
-
-    def begin_block(self, masked: torch.Tensor) -> None:
-        require(
-            masked.shape[1] == self.head.block_length,
-            f"this filter was trained for block_length={self.head.block_length}, not {masked.shape[1]}: "
-            f"decode with block_length={self.head.block_length}",
-        )
-
-    def select(self, p: Proposal) -> torch.Tensor:
-        param = next(self.head.parameters())
-        x = block_features(token_statistics(p.logits), p.masked, p.step, self.head.features)
-        prob = torch.sigmoid(self.head(x.to(param.device, param.dtype)).float())
-        self.head_calls += 1
-        return ((prob > self.threshold) & p.masked) | best_masked(p.confidence, p.masked)
-
-
-class OracleRule(Rule):
-    """Learn2PD's "extremely greedy parallel" replay against a reference canvas ``reference`` [B, G] (one row per
-    prompt of the batch): commit every masked position of the block whose proposal equals the reference; when
-    none does, commit the reference token at the top-confidence masked position (the stall guard). Its output is
-    the reference; its NFE is the ceiling a perfect filter could reach on that reference."""
-
-    name = "oracle"
-
-    def __init__(self, reference: torch.Tensor):
-        self.reference = torch.as_tensor(reference, dtype=torch.long)
-
-    def select(self, p: Proposal) -> torch.Tensor:
-        if self.reference.device != p.tokens.device:
-            self.reference = self.reference.to(p.tokens.device)
-        ref = self.reference[:, p.offset : p.offset + p.tokens.shape[1]]
-        require(ref.shape == p.tokens.shape, f"oracle reference {tuple(self.reference.shape)} does not fit the batch")
-        match = (p.tokens == ref) & p.masked
-        guard = best_masked(p.confidence, p.masked) & ~match.any(dim=1, keepdim=True)
-        p.tokens = torch.where(guard, ref, p.tokens)
-        return match | guard
-
-
-def oracle_decode(adapter: ModelAdapter, prompts: list[list[int]], reference, config):
-    """Replay ``reference`` [B, G] with the oracle rule; returns the sampler's (tokens, order, stats)."""
-    from dparallel.engine.sampler import Sampler
-
-    return Sampler(adapter, config, rule=OracleRule(reference)).run(prompts)
 
 
 # ---- training data ------------------------------------------------------------------------------------------
@@ -231,33 +106,16 @@ def build_examples(records: Sequence[dict], block_length: int, stats: Sequence[s
 
 def load_feature_records(path: str, only_correct: bool, max_records: int | None) -> tuple[list[dict], dict]:
     """Records with dense features and the trajectory manifest."""
-    from dparallel.data.trajectory import read_manifest, read_trajectories
+    from dparallel.data.trajectory import read_manifest, select_records
 
-    require(Path(path).exists(), f"no trajectories at {path}: run `dparallel record ... record.features=true` first")
-    manifest = read_manifest(path)
+    hint = "run `dparallel record ... record.features=true` first"
+    manifest = read_manifest(path) if Path(path).exists() else {}
     require(
         (manifest.get("record") or {}).get("features", True),
         f"{path} was recorded without dense features: record again with record.features=true",
     )
-    records = []
-    for r in read_trajectories(path):
-        if only_correct and (r.get("meta") or {}).get("correct") is False:
-            continue
-        records.append({k: r.get(k) for k in ("tokens", "order", "steps", "pred", *STATISTICS)})
-        if max_records is not None and len(records) >= max_records:
-            break
-    require(len(records) > 0, f"no usable trajectories in {path} (all filtered out or none recorded)")
-    return records, manifest
-
-
-def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded split by record (never by step: a record's steps are strongly correlated)."""
-    require(0.0 <= val_fraction < 1.0, f"filter.val_fraction={val_fraction} must be in [0, 1)")
-    n_val = int(round(len(records) * val_fraction)) if len(records) > 1 else 0
-    perm = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = [records[i] for i in perm[:n_val]]
-    train = [records[i] for i in perm[n_val:]]
-    return train, val
+    keys = ("tokens", "order", "steps", "pred", *STATISTICS)
+    return select_records(path, keys, hint, only_correct, max_records, arrays=False), manifest
 
 
 class ExampleBatches(IterableDataset):
@@ -275,11 +133,7 @@ class ExampleBatches(IterableDataset):
         per_epoch = (n // self.world) // self.batch_size
         epoch, offset = divmod(self.start_batch, per_epoch)
         while True:
-            if self.shuffle:
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            else:
-                order = torch.arange(n)
-            mine = order[self.rank :: self.world]
+            mine = epoch_order(n, self.seed, epoch, self.shuffle)[self.rank :: self.world]
             for b in range(offset, per_epoch):
                 yield self.examples.batch(mine[b * self.batch_size : (b + 1) * self.batch_size])
             epoch, offset = epoch + 1, 0
@@ -350,11 +204,13 @@ class Learn2PDModule(DParallelModule):
 def build(cfg: DictConfig, micro: int, start_batch: int):
     from torch.utils.data import DataLoader
 
-    from dparallel.methods import _rank_world
+    from dparallel.core.runtime import rank_world
 
     f = cfg.filter
     head = FilterHead(f.block_length, list(f.features), f.hidden)  # fails on bad features before reading data
     records, manifest = load_feature_records(f.trajectories, f.only_correct_records, f.max_records)
+    from dparallel.data.trajectory import split_records
+
     train_records, val_records = split_records(records, f.val_fraction, cfg.train.seed)
     require(len(train_records) > 0, "filter.val_fraction leaves no trajectories to train on")
     stats = statistics_of(head.features)
@@ -373,7 +229,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     n_pos = int((train_ex.label & m).sum())
     n_neg = int(m.sum()) - n_pos
     pos_weight = (n_neg / max(n_pos, 1)) if f.class_balance else f.pos_weight
-    rank, world = _rank_world()
+    rank, world = rank_world()
     data = ExampleBatches(train_ex, micro, cfg.train.seed, f.shuffle, rank, world, start_batch)
     n_params = sum(p.numel() for p in head.parameters())
     epochs = cfg.train.max_steps * cfg.train.global_batch_size / len(train_ex)
@@ -405,30 +261,3 @@ def save(module: Learn2PDModule, cfg: DictConfig, out: Path) -> None:
     }
     decoding = {"rule": "filter", "threshold": f.threshold, "block_length": head.block_length}
     save_component(out, COMPONENT, head, module.adapter, cfg, fields, decoding)
-
-
-def load_head(folder: str | Path, manifest: dict | None = None) -> tuple[FilterHead, dict]:
-    """The filter head of a component folder and its manifest."""
-    manifest = manifest if manifest is not None else read_manifest(str(folder))
-    require(manifest.get("component") == COMPONENT, f"{folder} is not a filter component (no component: filter)")
-    head = FilterHead(
-        int(manifest["block_length"]), manifest.get("features", ["conf"]), int(manifest.get("hidden", 64))
-    )
-    return load_weights(folder, COMPONENT, head, manifest), manifest
-
-
-def attach_filter(generator, folder: str | Path, manifest: dict | None = None) -> None:
-    """Give ``generator`` the ``filter`` rule of the component at ``folder`` (its base is checked by
-    :func:`dparallel.components.attach`)."""
-    head, manifest = load_head(folder, manifest)
-    head = head.to(generator.adapter.device)
-    default_threshold = float(manifest.get("threshold", 0.96))
-
-    def make(config, explicit: dict) -> FilterRule:
-        require(
-            config.block_length == head.block_length,
-            f"this filter was trained for block_length={head.block_length}: decode with that block_length",
-        )
-        return FilterRule(head, float(explicit.get("threshold", default_threshold)))
-
-    generator.rules["filter"] = make

@@ -17,31 +17,27 @@ with gradients through the d unrolled sampler calls. Both base forwards run in o
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from dparallel.data.trajectory import state_at
 from torch.utils.data import IterableDataset
 
-from dparallel.errors import require
+from dparallel.core.errors import require
+from dparallel.data.trajectory import state_at
 
 SEQUENTIAL_HINT = "record with decode.rule=marginal decode.k=1 decode.eot_stop=none decode.cache=none"
 
 
 def load_sequential_records(path: str, max_records: int | None) -> tuple[list[dict], dict]:
     """Trajectories (prompt_ids, tokens, order) that commit exactly one token per step, and their manifest."""
-    from dparallel.data.trajectory import read_manifest, read_trajectories
+    from dparallel.data.trajectory import read_manifest, select_records
 
-    require(Path(path).exists(), f"no trajectories at {path}: run `dparallel record ... {SEQUENTIAL_HINT}` first")
-    manifest, records = read_manifest(path), []
-    for r in read_trajectories(path):
+    def check(r: dict) -> None:
         check_sequential(r["order"], int(r["steps"]), path)
-        records.append({k: np.asarray(r[k], dtype=np.int64) for k in ("prompt_ids", "tokens", "order")})
-        if max_records is not None and len(records) >= max_records:
-            break
-    require(len(records) > 0, f"no trajectories in {path}")
-    return records, manifest
+
+    hint = f"run `dparallel record ... {SEQUENTIAL_HINT}` first"
+    records = select_records(path, ("prompt_ids", "tokens", "order"), hint, max_records=max_records, check=check)
+    return [{k: v.astype(np.int64) for k, v in r.items()} for r in records], read_manifest(path)
 
 
 def check_sequential(order, steps: int, where: str) -> None:

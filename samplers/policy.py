@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dparallel.core.errors import require
 from dparallel.engine.rules import Proposal, Rule, StepContext, best_masked, token_statistics
-from dparallel.errors import require
 
 STATISTICS = ("conf", "entropy", "margin")
 CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
@@ -165,7 +165,7 @@ class PolicyRule(Rule):
     def state(self, p: Proposal) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(feats [B, L, F], masked [B, L], time [B]) of the answer canvas before this step's commits."""
         ctx: StepContext | None = p.context
-        require(ctx is not None, "the policy rule needs the decoding context (dparallel's Sampler provides it)")
+        require(ctx is not None, "the policy rule needs the decoding context (dparallel's Decoder provides it)")
         width, first = ctx.prompt_width, ctx.first
         masked = ctx.x[:, width:] == self.mask_id  # [B, L]
         n, length = masked.shape
@@ -225,8 +225,8 @@ class PolicyRule(Rule):
 
 def load_policy(folder, manifest: dict | None = None) -> tuple[UnmaskingPolicy, dict]:
     """The policy of a component folder and its manifest."""
-    from dparallel.adapters import read_manifest
-    from dparallel.components import load_weights
+    from dparallel.adapters.folder import read_manifest
+    from dparallel.engine.components import load_weights
 
     manifest = manifest if manifest is not None else read_manifest(str(folder))
     require(manifest.get("component") == "policy", f"{folder} is not a policy component (no component: policy)")

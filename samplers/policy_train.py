@@ -1,7 +1,7 @@
 """GRPO for the unmasking policy (:mod:`dparallel.samplers.policy`): the frozen dLLM decoding at temperature 0 is
 the environment, the policy picks which masked positions of the active block to commit, the reward comes at the end.
 
-Per rollout batch (prompts of this rank, ``G`` samples each, decoded together by the engine's Sampler with a
+Per rollout batch (prompts of this rank, ``G`` samples each, decoded together by the engine's Decoder with a
 recording :class:`PolicyRule`):
 
 - reward ``r = correct * ((L - min(steps, L) + 1) / L) ** alpha`` (``multiplicative``) or
@@ -26,46 +26,20 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
-from dparallel.data.sources import Item, SourceConfig, build_checker, load_items, source_name
-from dparallel.samplers.policy import PolicyRule, UnmaskingPolicy, bernoulli_kl, bernoulli_log_prob
 from omegaconf import DictConfig
 from torch.utils.data import IterableDataset
 
+from dparallel.core.errors import require
+from dparallel.core.runtime import weights_dtype
+from dparallel.data.sources import Item, build_checker, load_items, source_name
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder
 from dparallel.engine.rules import Confidence
-from dparallel.engine.sampler import DecodeConfig, Sampler
-from dparallel.errors import require
-from dparallel.training import DParallelModule
-
-REWARDS = ("multiplicative", "additive")
-
-
-@dataclass
-class PolicyConfig:
-    source: SourceConfig = field(default_factory=SourceConfig)  # training prompts (default: the suite's train split)
-    checker: str = "auto"  # correctness: auto (the suite's own) | exact | last_number | module:function
-    gen_length: int = 128  # L: the answer canvas of the rollouts
-    block_length: int = 128  # rollout block (gen_length = one block of full diffusion; 32 = semi-AR)
-    group_size: int = 8  # G: policy rollouts per prompt
-    temperature: float = 1.0  # Bernoulli temperature of the rollouts (paper: 0.5 at block 32, 1.0 at block 256)
-    alpha: float = 1.0  # speed exponent (multiplicative) or per-step penalty x L (additive)
-    reward: str = "multiplicative"  # multiplicative | additive
-    clip_eps: float = 0.5  # PPO clip range
-    updates_per_batch: int = 2  # optimizer updates per rollout batch
-    std_normalize: bool = False  # divide group advantages by the group's std
-    kl_coef: float = 0.0  # weight of KL(pi || pi_init) (0: off, the paper's setting)
-    expert_steering: bool = False  # add a confidence-threshold rollout to each group (mixture likelihood)
-    expert_threshold: float = 0.9  # the expert's confidence threshold
-    max_grad_norm: float = 1.0  # clip the policy's gradient norm (0: off); train.grad_clip must be 0 (manual opt)
-    features: list[str] = field(default_factory=lambda: ["conf"])  # conf | entropy | margin
-    topk: int = 0  # also the k largest probabilities (0: off)
-    dim: int = 128
-    ffn: int = 512
-    heads: int = 2
-    init_bias: float = -2.0  # output bias: sigmoid(-2) ~ 0.12 per position at the start
-    threshold: float = 0.5  # greedy decoding: commit p > threshold (the exported default)
+from dparallel.methods.base import DParallelModule
+from dparallel.samplers.config import REWARDS
+from dparallel.samplers.policy import PolicyRule, UnmaskingPolicy, bernoulli_kl, bernoulli_log_prob
 
 
 def rewards(correct: torch.Tensor, steps: torch.Tensor, length: int, alpha: float, kind: str) -> torch.Tensor:
@@ -170,7 +144,7 @@ class UnmaskingPolicyModule(DParallelModule):
         parts, tokens, nfe, rate = [], [], [], []
         for mode, rows in runs:
             rule = PolicyRule(self.policy, ids.mask, mode=mode, temperature=p.temperature, expert=expert, record=True)
-            out, _, stats = Sampler(self.adapter, self.decode_config(seed), rule=rule).run(rows)
+            out, _, stats = Decoder(self.adapter, self.decode_config(seed), rule=rule).run(rows)
             part = flatten_rollout(rule.rollout.steps, len(rows))
             part["row"] += sum(len(t) for t in tokens)
             parts.append(part)
@@ -269,8 +243,8 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     """The module (frozen base from ``model.*`` + a fresh policy) and the prompt stream of this rank."""
     from torch.utils.data import DataLoader
 
-    from dparallel.adapters import load_adapter
-    from dparallel.methods import _rank_world
+    from dparallel.adapters.load import load_adapter
+    from dparallel.core.runtime import rank_world
 
     p = cfg.policy
     require(p.reward in REWARDS, f"policy.reward={p.reward!r}: use {' or '.join(REWARDS)}")
@@ -285,12 +259,10 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     items = load_items(p.source)
     checker = build_checker(p.checker, p.source, items)
     require(checker is not None, "the policy's reward needs a correctness checker: set policy.checker")
-    dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
-    if cfg.model.dtype == "auto" and torch.cuda.is_available() and cfg.model.device != "cpu":
-        dtype = "bfloat16"
+    dtype = weights_dtype(cfg.model.dtype, cfg.model.device)  # the base is frozen: bfloat16 on a GPU
     adapter = load_adapter(cfg.model.path, family=cfg.model.family, dtype=dtype, revision=cfg.model.revision)
     adapter.model.requires_grad_(False)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     n_params = sum(q.numel() for q in policy.parameters())
     print(
         f"policy: {n_params} parameters; {len(items)} prompts from {source_name(p.source)}; "
@@ -303,7 +275,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
 
 def save(module: UnmaskingPolicyModule, cfg: DictConfig, out) -> None:
     """RUN_DIR/model: ``policy.safetensors`` and ``dparallel.json`` (component ``policy``)."""
-    from dparallel.components import save_component
+    from dparallel.engine.components import save_component
 
     p = cfg.policy
     fields = {

@@ -5,6 +5,7 @@ import itertools
 
 import pytest
 import torch
+
 from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks, training_mask
 
 
@@ -66,10 +67,10 @@ def test_decode_mask_equals_brute_force(context_causal):
 # ---- the block family and its exact cache ---------------------------------------------------------------------
 def block_adapter(block_size=4, context_causal=False, token_shift=True, seed=0):
     from conftest import tiny_shape
-    from dparallel.ar2diff.family import BlockAdapter
     from omegaconf import OmegaConf
 
-    from dparallel.tiny import new_tiny_adapter
+    from dparallel.adapters.tiny import new_tiny_adapter
+    from dparallel.ar2diff.family import BlockAdapter
 
     tiny = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=seed)
     tiny.model.config.dparallel_block = {
@@ -90,9 +91,9 @@ PROMPTS = ["copy: abc\n", "sort: zyxw\n"]
 def test_cached_block_decoding_gives_the_uncached_tokens(
     one_thread, block_size, block_length, context_causal, token_shift
 ):
-    from dparallel.generator import Generator
+    from dparallel.engine.pipeline import Pipeline
 
-    gen = Generator(block_adapter(block_size, context_causal, token_shift))
+    gen = Pipeline(block_adapter(block_size, context_causal, token_shift))
     decode = dict(rule="confidence", threshold=0.3, gen_length=16, block_length=block_length)
     plain = gen.generate(PROMPTS, **decode)
     cached = gen.generate(PROMPTS, cache="block", **decode)
@@ -104,8 +105,7 @@ def test_cached_block_decoding_gives_the_uncached_tokens(
 @pytest.mark.parametrize("context_causal,token_shift", [(False, True), (True, True), (False, False)])
 def test_cached_logits_equal_full_forward_logits(one_thread, context_causal, token_shift):
     from dparallel.ar2diff.cache import BlockCache
-
-    from dparallel.engine.sampler import build_canvas
+    from dparallel.engine.decoder import build_canvas
 
     adapter = block_adapter(4, context_causal, token_shift)
     ids = adapter.encode(PROMPTS)
@@ -128,14 +128,14 @@ def test_cached_logits_equal_full_forward_logits(one_thread, context_causal, tok
 # ---- the training module --------------------------------------------------------------------------------------
 def module_and_batch(*overrides, block_size=4):
     from conftest import tiny_shape
+    from omegaconf import OmegaConf
+
+    from dparallel.adapters.tiny import new_tiny_adapter
     from dparallel.ar2diff.family import ARAdapter
     from dparallel.ar2diff.method import convert
     from dparallel.ar2diff.module import BlockDiffusionModule
+    from dparallel.commands.recipe import load_recipe
     from dparallel.data.sft import SuiteBatches
-    from omegaconf import OmegaConf
-
-    from dparallel.config import load_recipe
-    from dparallel.tiny import new_tiny_adapter
 
     cfg = load_recipe(
         None, ["method=ar2diff", f"ar2diff.block_size={block_size}", "ar2diff.gen_lengths=[32]", *overrides]
@@ -181,8 +181,9 @@ def test_block_size_one_with_token_shift_is_the_ar_loss(one_thread):
 
 
 def test_complementary_copies_are_complements():
+    from dparallel.ar2diff.config import Ar2DiffConfig
     from dparallel.ar2diff.masks import block_ids
-    from dparallel.ar2diff.module import Ar2DiffConfig, mask_probabilities, noisy_copies
+    from dparallel.ar2diff.module import mask_probabilities, noisy_copies
 
     answer = torch.zeros(3, 12, dtype=torch.bool)
     answer[:, 4:] = True
@@ -196,7 +197,8 @@ def test_complementary_copies_are_complements():
 
 
 def test_curriculum_grows_the_block_from_one():
-    from dparallel.ar2diff.module import Ar2DiffConfig, curriculum_block
+    from dparallel.ar2diff.config import Ar2DiffConfig
+    from dparallel.ar2diff.module import curriculum_block
 
     grow = Ar2DiffConfig(block_size=8, curriculum="grow", curriculum_steps=100)
     assert [curriculum_block(grow, s) for s in (0, 24, 25, 50, 75, 99, 100)] == [1, 1, 2, 4, 8, 8, 8]
@@ -208,9 +210,8 @@ def test_curriculum_grows_the_block_from_one():
 def test_training_logits_of_a_block_equal_its_decoding_logits(one_thread, context_causal, token_shift):
     """What training supervises is what decoding sees: the x_t logits of block k in the [x_t ⊕ x_0] forward equal
     the logits of the same block decoded with blocks < k clean (the exact block cache's state)."""
+    from dparallel.adapters.base import position_ids_from_mask
     from dparallel.ar2diff.masks import block_ids, training_mask
-
-    from dparallel.adapters import position_ids_from_mask
 
     module, batch = module_and_batch(
         f"ar2diff.context_causal={str(context_causal).lower()}", f"ar2diff.token_shift={str(token_shift).lower()}"
@@ -253,9 +254,9 @@ STEPS = ["train.max_steps=2", "train.global_batch_size=4", "train.log_every=1", 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, one_thread):
     """A tiny AR parent trained from scratch for 2 steps, converted for 2 steps; both exported."""
-    from dparallel.commands import train
-    from dparallel.config import load_recipe
-    from dparallel.export import export_run
+    from dparallel.commands.export import export_run
+    from dparallel.commands.recipe import load_recipe
+    from dparallel.commands.train import train
 
     root = tmp_path_factory.mktemp("ar2diff")
     train(
@@ -301,14 +302,14 @@ def test_export_round_trip_in_a_fresh_process(pipeline, which):
 
 def test_ar_family_decodes_greedily_batched_like_unbatched(one_thread):
     from conftest import tiny_shape
-    from dparallel.ar2diff.family import ARAdapter
     from omegaconf import OmegaConf
 
-    from dparallel.generator import Generator
-    from dparallel.tiny import new_tiny_adapter
+    from dparallel.adapters.tiny import new_tiny_adapter
+    from dparallel.ar2diff.family import ARAdapter
+    from dparallel.engine.pipeline import Pipeline
 
     tiny = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=0)
-    gen = Generator(ARAdapter(tiny.model.eval(), tiny.tokenizer, ARAdapter.default_ids(tiny.tokenizer)))
+    gen = Pipeline(ARAdapter(tiny.model.eval(), tiny.tokenizer, ARAdapter.default_ids(tiny.tokenizer)))
     prompts = ["copy: abc\n", "sort: zyxwvu\n"]
     both = gen.generate(prompts, gen_length=16, block_length=16)
     alone = [gen.generate([p], gen_length=16, block_length=16)[0] for p in prompts]
@@ -326,18 +327,18 @@ def test_ar_family_decodes_greedily_batched_like_unbatched(one_thread):
 
 
 def test_block_cache_refuses_other_families_and_misaligned_blocks(one_thread):
-    from dparallel.errors import DParallelError
-    from dparallel.generator import Generator
+    from dparallel.core.errors import DParallelError
+    from dparallel.engine.pipeline import Pipeline
 
     adapter = block_adapter(block_size=4)
     with pytest.raises(DParallelError, match="must divide the model's block_size=4"):
-        Generator(adapter).generate(PROMPTS, rule="confidence", gen_length=16, block_length=8, cache="block")
+        Pipeline(adapter).generate(PROMPTS, rule="confidence", gen_length=16, block_length=8, cache="block")
     from conftest import tiny_shape
     from omegaconf import OmegaConf
 
-    from dparallel.tiny import new_tiny_adapter
+    from dparallel.adapters.tiny import new_tiny_adapter
 
-    tiny = Generator(new_tiny_adapter(OmegaConf.create(tiny_shape())))
+    tiny = Pipeline(new_tiny_adapter(OmegaConf.create(tiny_shape())))
     with pytest.raises(DParallelError, match="cache=block needs a converted block-diffusion model"):
         tiny.generate(PROMPTS, gen_length=16, block_length=8, cache="block")
 

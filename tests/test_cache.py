@@ -3,10 +3,10 @@ a measured agreement with uncached decoding otherwise (they are Fast-dLLM's appr
 
 import pytest
 import torch
-from dparallel.data.suite import make_split
 
+from dparallel.core.errors import DParallelError
+from dparallel.data.suite import make_split
 from dparallel.engine.cache import ContextCache
-from dparallel.errors import DParallelError
 
 
 @pytest.mark.parametrize("mode", ["prefix", "dual"])

@@ -5,9 +5,9 @@ import shutil
 
 from conftest import assert_one_line_error, run_cli
 
-from dparallel.adapters import resolve_path
+from dparallel.adapters.folder import resolve_path
 from dparallel.cli import main
-from dparallel.config import load_recipe
+from dparallel.commands.recipe import load_recipe
 
 TEACHER = "builtin:tiny-teacher"
 
@@ -75,11 +75,33 @@ def test_pad_id_equal_to_mask_id(capsys, tmp_path):
     assert_one_line_error(code, err, "mask id 1 equals the pad id")
 
 
-def test_help_lists_recipe_keys(capsys):
-    code, out, _ = run_cli(["train", "--help"], capsys)
+def test_help_lists_the_recipe_sections_with_the_recipe_values(capsys):
+    code, out, _ = run_cli(["train", "recipes/tiny/teacher.yaml", "train.lr=0.004", "--help"], capsys)
     assert code == 0
-    assert "train.lr" in out and "decode.block_length" in out and "pretrain.gen_lengths" in out
-    assert "semi-AR block" in out  # the key's doc comment
+    keys = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ") and "." in line}
+    assert keys["train.lr"] == "0.004" and keys["pretrain.gen_lengths"] == "[32]" and keys["tiny.hidden_size"] == "192"
+    assert "semi-AR block" in out  # decode.block_length's field docstring
+    assert not any(k.startswith(("bench.", "sweep.", "distill.", "filter.")) for k in keys)  # not this recipe's
+
+
+def test_help_without_a_recipe_lists_the_command_sections(capsys):
+    code, out, _ = run_cli(["eval", "--help"], capsys)
+    assert code == 0 and "eval.suite.split" in out and "train.lr" not in out
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from dparallel.cli import run; run(['train', 'recipes/tiny/distill.yaml', '--help']); "
+    code += "assert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_version(capsys):
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.startswith("dparallel 0.")
 
 
 def test_generate_prints_answer_and_stats(capsys):

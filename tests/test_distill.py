@@ -12,20 +12,21 @@ from conftest import fresh_process_tokens, run_dparallel, tiny_shape
 from omegaconf import OmegaConf
 
 import dparallel
-from dparallel import distill
-from dparallel.adapters import LLaDAAdapter
-from dparallel.commands import train
-from dparallel.config import load_recipe
-from dparallel.distill import (
+from dparallel.adapters.folder import save_model_folder
+from dparallel.adapters.llada import LLaDAAdapter
+from dparallel.adapters.tiny import new_tiny_adapter
+from dparallel.commands.export import export_run
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.core.errors import DParallelError
+from dparallel.methods import distill
+from dparallel.methods.distill import (
     CertaintyForcingModule,
     EpochSampler,
     TrajectoryBatches,
     build_distill_inputs,
     certainty_forcing_terms,
 )
-from dparallel.errors import DParallelError
-from dparallel.export import export_run
-from dparallel.tiny import new_tiny_adapter, save_model_folder
 
 SHAPE = tiny_shape()
 G, BLOCK, MASK = 16, 8, 1
@@ -276,7 +277,7 @@ def test_recipes_follow_the_paper(monkeypatch):
     assert (llada.distill.entropy_weight, llada.distill.temperature, llada.train.lr) == (2.0, 0.5, 2e-5)
     dream = load_recipe("recipes/dream-7b/distill.yaml")
     assert dream.distill.full_response and dream.distill.entropy_weight == 1.0 and dream.lora.r == 32
-    from dparallel.training import micro_batch
+    from dparallel.methods.base import micro_batch
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("WORLD_SIZE", "8")

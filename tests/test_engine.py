@@ -7,12 +7,13 @@ import torch
 from conftest import tiny_shape
 from omegaconf import OmegaConf
 
-from dparallel.adapters import SpecialIds, TinyAdapter, load_adapter
-from dparallel.engine import DecodeConfig, Proposal, Sampler
-from dparallel.engine.rules import Confidence, Entropy, Factor, TopK
-from dparallel.engine.sampler import add_gumbel_noise
-from dparallel.errors import DParallelError
-from dparallel.tiny import new_tiny_adapter
+from dparallel.adapters.base import SpecialIds
+from dparallel.adapters.load import load_adapter
+from dparallel.adapters.tiny import TinyAdapter, new_tiny_adapter
+from dparallel.core.errors import DParallelError
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder, add_gumbel_noise
+from dparallel.engine.rules import Confidence, Entropy, Factor, Proposal, TopK
 
 SHAPE = tiny_shape()
 PROMPTS = [[22, 23, 16, 28, 34], [77, 74, 81, 81, 84, 5, 92, 84, 87], [70, 71]]  # three lengths: left padding
@@ -132,7 +133,7 @@ def left_pad(prompts, pad):
 
 def engine_and_oracle(adapter, prompts, topk=torch.topk, **options):
     cfg = DecodeConfig(rule="topk", **options)
-    tokens, order, _ = Sampler(adapter, cfg).run(prompts)
+    tokens, order, _ = Decoder(adapter, cfg).run(prompts)
     prompt, attn = left_pad(prompts, adapter.ids.pad)
     torch.manual_seed(cfg.seed)
     ref, ties = llada_generate(
@@ -208,7 +209,7 @@ def test_oracle_options_change_the_output(tiny):
     """The options above are not silently inert on this model (else their oracle checks would prove nothing)."""
 
     def decode(**options):
-        return Sampler(tiny, DecodeConfig(gen_length=16, block_length=8, **options)).run(PROMPTS)[0].tolist()
+        return Decoder(tiny, DecodeConfig(gen_length=16, block_length=8, **options)).run(PROMPTS)[0].tolist()
 
     plain = decode()
     for option in (dict(logits_eos_inf=True), dict(confidence_eos_eot_inf=True), dict(cfg_scale=0.5)):
@@ -233,7 +234,7 @@ def test_proposal_is_llada_gumbel_max_and_softmax_confidence(tiny):
     logits[..., tiny.ids.mask] = -torch.inf  # the engine never proposes the mask token
     masked = torch.ones(2, 6, dtype=torch.bool)
     masked[:, :2] = False
-    sampler = Sampler(tiny, DecodeConfig(temperature=0.7))
+    sampler = Decoder(tiny, DecodeConfig(temperature=0.7))
     tokens, conf = sampler._propose(logits, logits[..., 0], masked, torch.Generator().manual_seed(5))
     torch.manual_seed(5)
     logits64 = logits.to(torch.float64)
@@ -267,9 +268,9 @@ def test_batched_equals_unbatched(teacher, rule):
     prompts = teacher.encode(TEACHER_PROMPTS)
     assert len({len(p) for p in prompts}) == 3
     cfg = DecodeConfig(gen_length=32, block_length=8, **RULES[rule])
-    tokens, order, stats = Sampler(teacher, cfg).run(prompts)
+    tokens, order, stats = Decoder(teacher, cfg).run(prompts)
     for i, prompt in enumerate(prompts):
-        alone, alone_order, alone_stats = Sampler(teacher, cfg).run([prompt])
+        alone, alone_order, alone_stats = Decoder(teacher, cfg).run([prompt])
         assert tokens[i].tolist() == alone[0].tolist()
         assert stats[i].nfe == alone_stats[0].nfe
         assert order[i].tolist() == alone_order[0].tolist()  # the recorded trajectory does not depend on the batch
@@ -372,14 +373,14 @@ def test_topk_ties_lowest_index_first_and_ignores_unmasked_scores():
 # ---- stats --------------------------------------------------------------------------------------------------------
 def test_stats(teacher):
     prompts = teacher.encode(TEACHER_PROMPTS)
-    tokens, _, stats = Sampler(teacher, DecodeConfig(rule="confidence", gen_length=32, block_length=8)).run(prompts)
+    tokens, _, stats = Decoder(teacher, DecodeConfig(rule="confidence", gen_length=32, block_length=8)).run(prompts)
     eos = teacher.ids.eos
     for row, s in zip(tokens.tolist(), stats):
         assert s.answer_tokens == (row.index(eos) + 1 if eos in row else len(row))
         assert 4 <= s.nfe <= 32  # at least one forward per block, at most one per token
         assert s.tpf == pytest.approx(s.answer_tokens / s.nfe) and s.to_dict()["tpf"] == s.tpf
     assert stats[0].answer_tokens == 17 and teacher.decode(tokens[0].tolist()) == "hgfdsapoiuytrewq"  # 16 + EOS
-    _, _, stats = Sampler(teacher, DecodeConfig(rule="topk", gen_length=32, block_length=8, steps=16)).run(prompts)
+    _, _, stats = Decoder(teacher, DecodeConfig(rule="topk", gen_length=32, block_length=8, steps=16)).run(prompts)
     assert [s.nfe for s in stats] == [16, 16, 16]
     assert stats[0].tpf == 17 / 16
 
@@ -402,7 +403,7 @@ def test_answer_length_stops_at_eos_or_eot(tiny):
 )
 def test_config_errors(tiny, options, message):
     with pytest.raises(DParallelError, match=message):
-        Sampler(tiny, DecodeConfig(**options))
+        Decoder(tiny, DecodeConfig(**options))
 
 
 def test_mask_id_equal_to_pad_id_is_an_error(tiny):

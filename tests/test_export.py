@@ -8,8 +8,8 @@ from conftest import fresh_process_tokens
 
 import dparallel
 from dparallel.cli import main
-from dparallel.commands import train
-from dparallel.config import load_recipe
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
 
 TINY = [
     "tiny.hidden_size=32",

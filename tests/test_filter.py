@@ -11,26 +11,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import fresh_process_tokens
-from dparallel.data.record import record
-from dparallel.data.trajectory import state_at
-from dparallel.filters.learn2pd import (
-    FilterHead,
-    FilterRule,
-    OracleRule,
-    block_features,
-    build_examples,
-    filter_loss,
-    record_examples,
-)
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 import dparallel
-from dparallel.commands import train
-from dparallel.config import load_recipe
-from dparallel.engine import DecodeConfig, Proposal, Sampler
-from dparallel.errors import DParallelError
-from dparallel.export import export_run
+from dparallel.commands.export import export_run
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.core.errors import DParallelError
+from dparallel.data.record import record
+from dparallel.data.trajectory import state_at
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder
+from dparallel.engine.oracle import OracleRule
+from dparallel.engine.rules import Proposal
+from dparallel.filters.learn2pd import build_examples, filter_loss, record_examples
+from dparallel.filters.rule import FilterHead, FilterRule, block_features
 
 SHAPE = dict(
     hidden_size=32,
@@ -114,7 +110,8 @@ def test_loss_is_masked_bce_and_pinned():
 # ---- a 3-step fit into a loadable component ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    from dparallel.tiny import new_tiny_adapter, save_model_folder
+    from dparallel.adapters.folder import save_model_folder
+    from dparallel.adapters.tiny import new_tiny_adapter
 
     root = tmp_path_factory.mktemp("filter")
     save_model_folder(new_tiny_adapter(OmegaConf.create(SHAPE), seed=0), root / "base", dtype="float32")
@@ -192,8 +189,8 @@ def test_oracle_replays_the_teachers_sequential_output(teacher):
     adapter = teacher.adapter
     prompts = adapter.encode(["copy: abc\n", "reverse: hello\n", "add: 47+815\n"])
     cfg = DecodeConfig(rule="topk", gen_length=32, block_length=8)
-    reference, _, seq_stats = Sampler(adapter, cfg).run(prompts)
-    tokens, order, stats = Sampler(adapter, DecodeConfig(gen_length=32, block_length=8), OracleRule(reference)).run(
+    reference, _, seq_stats = Decoder(adapter, cfg).run(prompts)
+    tokens, order, stats = Decoder(adapter, DecodeConfig(gen_length=32, block_length=8), OracleRule(reference)).run(
         prompts
     )
     assert torch.equal(tokens, reference)
@@ -201,7 +198,7 @@ def test_oracle_replays_the_teachers_sequential_output(teacher):
     assert (order >= 0).all() and all(int(order[i].max()) == s.nfe - 1 for i, s in enumerate(stats))
     # a reference the model never proposes is still reached, through the stall guard (one token per step)
     wrong = torch.full_like(reference, 5)
-    tokens, _, stats = Sampler(adapter, DecodeConfig(gen_length=32, block_length=8), OracleRule(wrong)).run(prompts)
+    tokens, _, stats = Decoder(adapter, DecodeConfig(gen_length=32, block_length=8), OracleRule(wrong)).run(prompts)
     assert torch.equal(tokens, wrong) and stats[0].nfe == 32
 
 
@@ -298,7 +295,7 @@ def test_token_statistics_and_entropy_margin_features():
 
 
 def test_eval_oracle_decoder_replays_an_earlier_decoder(teacher):
-    from dparallel.evaluate import evaluate
+    from dparallel.commands.evaluate import evaluate
 
     decoders = [
         {"name": "sequential", "rule": "topk", "gen_length": 32, "block_length": 8},

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dparallel.errors import DParallelError
-from dparallel.frontier import best_heuristic, decoder_kind, frontier, frontier_table, wilson_interval
+from dparallel.commands.frontier import best_heuristic, decoder_kind, frontier, frontier_table, wilson_interval
+from dparallel.core.errors import DParallelError
 
 
 def _rows(decoder: str, macro: tuple[float, float], **families: tuple[float, float]) -> list[dict]:
@@ -94,7 +94,8 @@ def test_one_eval_puts_the_teacher_and_another_model_in_one_frontier(tmp_path, c
     from conftest import run_cli, tiny_shape
     from omegaconf import OmegaConf
 
-    from dparallel.tiny import new_tiny_adapter, save_model_folder
+    from dparallel.adapters.folder import save_model_folder
+    from dparallel.adapters.tiny import new_tiny_adapter
 
     for name, seed in (("teacher", 0), ("student", 1)):
         save_model_folder(new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=seed), tmp_path / name, "float32")

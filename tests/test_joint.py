@@ -12,18 +12,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import fresh_process_tokens
-from dparallel.data.trajectory import state_at
-from dparallel.samplers.joint import JointRule, joint_loss, new_sampler
-from dparallel.samplers.joint_data import Windows, masked_kl, windows_of
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 import dparallel
-from dparallel.adapters import position_ids_from_mask
-from dparallel.commands import train
-from dparallel.config import load_recipe
-from dparallel.engine import DecodeConfig, Sampler
-from dparallel.errors import DParallelError
-from dparallel.export import export_run
+from dparallel.adapters.base import position_ids_from_mask
+from dparallel.commands.export import export_run
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.core.errors import DParallelError
+from dparallel.data.trajectory import state_at
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder
+from dparallel.samplers.joint import JointRule, new_sampler
+from dparallel.samplers.joint_data import Windows, masked_kl, windows_of
+from dparallel.samplers.joint_train import joint_loss
 
 GEN, BLOCK = 16, 8
 PROMPTS = ["copy: abcdefghijklmnopqr\n", "18 distinct lowercase:\n", "sort: zyxwvutsrqponmlkji\n"]
@@ -48,7 +50,7 @@ def test_hidden_states_give_the_logits_on_every_forward_path(teacher):
             x[:, 8:], position_ids_from_mask(attn)[:, 8:], attn, [(k[:, :, :8], v[:, :, :8]) for k, v in layers]
         )
     assert cap.hidden.shape == (2, 4, 192) and torch.allclose(adapter.output_head()(cap.hidden), part)
-    layer, _, config = adapter.sampler_layer_class(adapter.model.config)
+    layer, _, config = adapter.stock_layer_class(adapter.model.config)
     assert layer is LlamaDecoderLayer and config.num_hidden_layers == 1 and config.hidden_size == 192
 
 
@@ -183,8 +185,8 @@ def test_untrained_sampler_is_the_marginal(teacher):
     rule = JointRule(new_sampler(adapter), adapter, k=4, temperature=0.0, eos_inf=False)
     ids = adapter.encode(PROMPTS)
     cfg = DecodeConfig(rule="marginal", k=4, gen_length=GEN, block_length=BLOCK)
-    joint, _, stats = Sampler(adapter, cfg, rule=rule).run(ids)
-    marginal, _, _ = Sampler(adapter, cfg).run(ids)
+    joint, _, stats = Decoder(adapter, cfg, rule=rule).run(ids)
+    marginal, _, _ = Decoder(adapter, cfg).run(ids)
     assert torch.equal(joint, marginal) and stats[0].sampler_calls == 12
 
 

@@ -1,6 +1,6 @@
 """Run-directory plots: the training curves read every attempt's metrics in order."""
 
-from dparallel.plots import read_metrics, training_curves
+from dparallel.core.plots import read_metrics, training_curves
 
 
 def _log(run, version: int, text: str) -> None:

@@ -11,9 +11,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import fresh_process_tokens
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+import dparallel
+from dparallel.commands.export import export_run
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.core.errors import DParallelError
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder
+from dparallel.engine.rules import Confidence, Proposal, StepContext
+from dparallel.samplers.config import PolicyConfig
 from dparallel.samplers.policy import PolicyRule, UnmaskingPolicy, bernoulli_log_prob
 from dparallel.samplers.policy_train import (
-    PolicyConfig,
     UnmaskingPolicyModule,
     group_advantages,
     mixture_log_prob,
@@ -21,16 +32,6 @@ from dparallel.samplers.policy_train import (
     ppo_clip_loss,
     rewards,
 )
-from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
-
-import dparallel
-import dparallel.export
-from dparallel.commands import train
-from dparallel.config import load_recipe
-from dparallel.engine import DecodeConfig, Proposal, Sampler
-from dparallel.engine.rules import Confidence, StepContext
-from dparallel.errors import DParallelError
 
 PROMPTS = ["copy: abcdefghijklmnopqr\n", "reverse: qwertyuiopasdfgh\n", "sum: 3 7 5 8\n", "chain: 7 +5 *2 -3\n"]
 
@@ -235,7 +236,7 @@ def test_batched_equals_unbatched(teacher):
     torch.nn.init.constant_(policy.head.bias, 6.2)  # a bias at which it commits a few positions per step
 
     def run(rows):
-        return Sampler(teacher.adapter, config, rule=PolicyRule(policy, teacher.adapter.ids.mask)).run(rows)
+        return Decoder(teacher.adapter, config, rule=PolicyRule(policy, teacher.adapter.ids.mask)).run(rows)
 
     tokens, order, stats = run(ids)
     nfe = [s.nfe for s in stats]
@@ -277,10 +278,10 @@ def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
     mask = teacher.adapter.ids.mask
     ids = teacher.adapter.encode(PROMPTS)
     config = DecodeConfig(rule="policy", gen_length=16, block_length=16)
-    tokens, _, stats = Sampler(teacher.adapter, config, rule=PolicyRule(trained.eval(), mask)).run(ids)
+    tokens, _, stats = Decoder(teacher.adapter, config, rule=PolicyRule(trained.eval(), mask)).run(ids)
     before = tokens.tolist()
     assert [s.nfe for s in stats] == [10, 13, 16, 16]  # several commits per step, not all at once
-    exported = dparallel.export.export_run(run)
+    exported = export_run(run)
     assert fresh_process_tokens(exported, PROMPTS) == before  # its defaults: rule policy, gen 16, one block
     # trained at gen_length 16, the same weights decode a canvas of 32, one block or semi-AR blocks of 8
     gen = dparallel.load(str(exported), device="cpu")

@@ -1,15 +1,15 @@
 """Masked-diffusion pretraining: the loss, the batches, a tiny end-to-end train, resume, and the shipped teacher."""
 
 import torch
-from dparallel.data.sft import SuiteBatches, collate
-from dparallel.data.suite import is_correct
-from dparallel.data.tokenizer import build_char_tokenizer
 from omegaconf import OmegaConf
 
 import dparallel
-from dparallel.commands import train
-from dparallel.config import load_recipe
-from dparallel.pretrain import mask_ratios, mdlm_loss
+from dparallel.adapters.char_tokenizer import build_char_tokenizer
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.data.sft import SuiteBatches, collate
+from dparallel.data.suite import is_correct
+from dparallel.methods.pretrain import mask_ratios, mdlm_loss
 
 PINNED_TEACHER = ["hgfdsapoiuytrewq", "adefghiopqrstuwy", "adbc, dacb, bcda, cbad", "flkeodnpcgahjibm"]
 TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dparallel.config import load_recipe
+from dparallel.commands.recipe import load_recipe
 
 RECIPES = sorted(Path("recipes").glob("*/*.yaml"))
 
@@ -29,7 +29,7 @@ def test_recipe_validates_and_states_how_to_launch_it(path):
 
 
 def test_every_method_has_a_tiny_cpu_twin():
-    from dparallel.methods import METHODS
+    from dparallel.core.registry import METHODS
 
     methods = {load_recipe(str(p)).method for p in RECIPES if p.parent.name == "tiny"}
     assert set(METHODS) <= methods

@@ -7,16 +7,18 @@ import re
 import pytest
 import torch
 from conftest import tiny_shape
-from dparallel.data.tokenizer import build_char_tokenizer
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from dparallel.adapters import bidirectional_mask, load_adapter, position_ids_from_mask
-from dparallel.engine.sampler import DecodeConfig, Sampler
-from dparallel.errors import DParallelError
-from dparallel.stock import llada_llama_config
-from dparallel.tiny import new_tiny_adapter
+from dparallel.adapters.base import bidirectional_mask, position_ids_from_mask
+from dparallel.adapters.char_tokenizer import build_char_tokenizer
+from dparallel.adapters.load import load_adapter
+from dparallel.adapters.stock import llada_llama_config
+from dparallel.adapters.tiny import new_tiny_adapter
+from dparallel.core.errors import DParallelError
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder
 
 IDS = {"mask": 1, "eos": 2, "eot": 2, "pad": 0}
 PROMPTS = ["copy: abc\n", "sum: 3 7 5\n", "reverse: hello\n"]
@@ -94,8 +96,8 @@ def test_llada_decodes_with_every_cache_and_a_refreshed_cache_is_exact(llada, ca
     adapter = load_adapter(str(llada[0]))
     prompts = adapter.encode(PROMPTS)
     options = dict(rule="confidence", threshold=0.5, gen_length=16, block_length=8)
-    exact = Sampler(adapter, DecodeConfig(**options)).run(prompts)[0]
-    cached = Sampler(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
+    exact = Decoder(adapter, DecodeConfig(**options)).run(prompts)[0]
+    cached = Decoder(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
     assert torch.equal(cached, exact)
 
 
@@ -158,8 +160,8 @@ def test_dream_decodes_with_every_cache_and_a_refreshed_cache_is_exact(dream, ca
     adapter = load_adapter(str(dream[0]))
     prompts = adapter.encode(PROMPTS)
     options = dict(rule="confidence", threshold=0.5, gen_length=16, block_length=8)
-    exact = Sampler(adapter, DecodeConfig(**options)).run(prompts)[0]
-    cached = Sampler(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
+    exact = Decoder(adapter, DecodeConfig(**options)).run(prompts)[0]
+    cached = Decoder(adapter, DecodeConfig(cache=cache, cache_refresh=1, **options)).run(prompts)[0]
     assert torch.equal(cached, exact)
 
 
@@ -177,9 +179,9 @@ def test_static_cache_path_equals_the_dynamic_path_token_for_token(llada, dream,
         adapter = load_adapter(str(folders[family]))
     prompts = adapter.encode(PROMPTS)
     options = dict(gen_length=16, block_length=8, cache=cache, **rule)
-    dynamic = Sampler(adapter, DecodeConfig(**options)).run(prompts)
+    dynamic = Decoder(adapter, DecodeConfig(**options)).run(prompts)
     adapter.prefill = adapter.extend = None  # the static run must not touch the dynamic cache's forwards
-    static = Sampler(adapter, DecodeConfig(static_cache=True, **options)).run(prompts)
+    static = Decoder(adapter, DecodeConfig(static_cache=True, **options)).run(prompts)
     assert torch.equal(static[0], dynamic[0]) and torch.equal(static[1], dynamic[1])
 
 
@@ -190,7 +192,7 @@ def test_checking_block_ends_every_few_steps_changes_nothing_but_host_syncs(rule
     adapter.model.eval()
     prompts = adapter.encode(PROMPTS)
     options = dict(gen_length=16, block_length=8, cache="dual", static_cache=True, **rule)
-    every, rarely = (Sampler(adapter, DecodeConfig(sync_every=n, **options)).run(prompts) for n in (1, 8))
+    every, rarely = (Decoder(adapter, DecodeConfig(sync_every=n, **options)).run(prompts) for n in (1, 8))
     assert torch.equal(every[0], rarely[0]) and torch.equal(every[1], rarely[1])
     assert [s.nfe for s in every[2]] == [s.nfe for s in rarely[2]]
     assert max(s.nfe for s in every[2]) < 16  # blocks did end early, so the extra steps were exercised
@@ -202,7 +204,7 @@ def test_cuda_graph_needs_the_static_cache_and_a_gpu():
     adapter = new_tiny_adapter(OmegaConf.create(tiny_shape()), seed=5)
     config = DecodeConfig(gen_length=16, block_length=8, cache="dual", static_cache=True, cuda_graph=True)
     with pytest.raises(DParallelError, match="cuda_graph=true needs a CUDA device"):
-        Sampler(adapter, config).run(adapter.encode(PROMPTS))
+        Decoder(adapter, config).run(adapter.encode(PROMPTS))
 
 
 @pytest.mark.gpu
@@ -212,6 +214,6 @@ def test_cuda_graph_replay_equals_the_eager_static_step(cache):
     adapter.model.to("cuda").eval()
     prompts = adapter.encode(PROMPTS)
     options = dict(rule="confidence", threshold=0.3, gen_length=32, block_length=8, cache=cache, static_cache=True)
-    eager = Sampler(adapter, DecodeConfig(**options)).run(prompts)
-    graph = Sampler(adapter, DecodeConfig(cuda_graph=True, **options)).run(prompts)
+    eager = Decoder(adapter, DecodeConfig(**options)).run(prompts)
+    graph = Decoder(adapter, DecodeConfig(cuda_graph=True, **options)).run(prompts)
     assert torch.equal(eager[0], graph[0]) and torch.equal(eager[1], graph[1])

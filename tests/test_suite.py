@@ -3,6 +3,9 @@
 import statistics
 
 import pytest
+
+from dparallel.adapters.char_tokenizer import build_char_tokenizer
+from dparallel.core.errors import DParallelError
 from dparallel.data.suite import (
     FAMILIES,
     GEN_LENGTH,
@@ -15,9 +18,6 @@ from dparallel.data.suite import (
     random_latin_square,
     validate_tasks,
 )
-from dparallel.data.tokenizer import build_char_tokenizer
-
-from dparallel.errors import DParallelError
 
 
 def test_examples_are_deterministic_and_splits_differ():

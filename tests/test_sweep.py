@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from dparallel.cli import main
-from dparallel.config import load_recipe
-from dparallel.sweep import grid, wandb_config
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.sweep import grid, wandb_config
 
 
 def test_wandb_config_runs_dparallel_train_with_key_value_args():

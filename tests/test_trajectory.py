@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_one_line_error, run_cli, run_dparallel, tiny_shape
-from dparallel.data import trajectory as T
-from dparallel.data.record import record
-from dparallel.data.sources import SourceConfig, build_checker, load_items
 from omegaconf import OmegaConf
 
-from dparallel.config import load_recipe
-from dparallel.errors import DParallelError
+from dparallel.commands.recipe import load_recipe
+from dparallel.core.errors import DParallelError
+from dparallel.data import trajectory as T
+from dparallel.data.config import SourceConfig
+from dparallel.data.record import record
+from dparallel.data.sources import build_checker, load_items
 
 FIXTURE = Path(__file__).parent / "fixtures" / "trajectories-tiny"
 SHAPE = tiny_shape(hidden=32, layers=1)
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(folder: Path) -> Path:
-    from dparallel.tiny import new_tiny_adapter, save_model_folder
+    from dparallel.adapters.folder import save_model_folder
+    from dparallel.adapters.tiny import new_tiny_adapter
 
     save_model_folder(new_tiny_adapter(OmegaConf.create(SHAPE), seed=0), folder, dtype="float32")
     return folder
@@ -105,7 +107,7 @@ def test_golden_fixture_round_trip(tmp_path):
 
 
 def test_record_manifest_counts_match_shards(model, tmp_path):
-    from dparallel.generator import load
+    from dparallel.engine.pipeline import load
 
     out = record(recipe(model, tmp_path))
     manifest = T.read_manifest(out)

@@ -1,6 +1,2 @@
-"""The decoding engine: rules, the sampling loop and its statistics."""
-
-from dparallel.engine.rules import Proposal, Rule, StepContext, build_rule
-from dparallel.engine.sampler import DecodeConfig, DecodeStats, Sampler
-
-__all__ = ["DecodeConfig", "DecodeStats", "Proposal", "Rule", "Sampler", "StepContext", "build_rule"]
+"""The engine: decoding rules, the decoding loop over a masked canvas, its caches, and the pipeline that loads a
+model (with its components) and decodes prompts."""

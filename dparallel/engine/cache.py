@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from dparallel.adapters import ModelAdapter, position_ids_from_mask
-from dparallel.errors import require
-
-CACHE_MODES = ("none", "prefix", "dual", "block")  # block: exact, converted models only (ar2diff/cache.py)
+from dparallel.adapters.base import ModelAdapter, position_ids_from_mask
+from dparallel.core.errors import require
+from dparallel.engine.config import CACHE_MODES
 
 
 class ContextCache:
@@ -36,8 +35,9 @@ class ContextCache:
     def __init__(self, adapter: ModelAdapter, mode: str, static: bool = False, cuda_graph: bool = False):
         require(mode in CACHE_MODES, f"cache={mode!r}: choose from {', '.join(CACHE_MODES)}")
         require(
-            adapter.supports_cache,
-            f"cache={mode} is not supported for the {adapter.family} family: use cache=none",
+            mode in adapter.cache_modes,
+            f"cache={mode} is not supported for the {adapter.family} family: use cache="
+            f"{' or '.join(adapter.cache_modes)}",
         )
         self.adapter, self.mode, self.static = adapter, mode, static
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []

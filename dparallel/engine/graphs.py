@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 
 class GraphStep:

@@ -14,11 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from dparallel.errors import DParallelError, require
+from dparallel.core.errors import DParallelError, require
 
 NEG_INF = float("-inf")
-TOPK_TIES = ("reference", "lowest_index")
-FACTOR_MODES = ("paper", "fast_dllm")
 
 
 @dataclass
@@ -300,5 +298,5 @@ def build_rule(
     raise DParallelError(
         f"unknown decoding rule {name!r}: built in are topk, confidence, entropy, factor, marginal; `filter` needs a "
         "filter component (dparallel.load(FILTER_FOLDER)), `oracle` a reference "
-        "(dparallel.filters.learn2pd.OracleRule), `joint` a joint sampler (dparallel.load(JOINT_FOLDER))"
+        "(dparallel.engine.oracle.OracleRule), `joint` a joint sampler (dparallel.load(JOINT_FOLDER))"
     )

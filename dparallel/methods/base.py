@@ -11,8 +11,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from dparallel.adapters import ModelAdapter
-from dparallel.errors import DParallelError, require
+from dparallel.adapters.base import ModelAdapter
+from dparallel.core.errors import DParallelError, require
 
 
 class DParallelModule(L.LightningModule):
@@ -68,6 +68,24 @@ def lr_lambda(warmup: int, total: int, schedule: str, floor: float):
 
     require(schedule in ("cosine", "constant"), f"train.schedule={schedule!r}: use cosine or constant")
     return factor
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """[n] the order of epoch ``epoch`` over ``n`` training items: a permutation seeded by (seed, epoch), so every
+    rank draws the same one and a resumed run recomputes it exactly; ``arange(n)`` when not shuffling."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def prepare_for_training(adapter: ModelAdapter, cfg: DictConfig) -> None:
+    """Put a loaded model in training mode, with LoRA (``cfg.lora.enabled``) and gradient checkpointing
+    (``cfg.train.gradient_checkpointing``) as the recipe asks."""
+    if cfg.lora.enabled:
+        apply_lora(adapter, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        adapter.model.gradient_checkpointing_enable()
+    adapter.model.train()  # load_adapter hands back an eval-mode model; Lightning keeps whatever mode it finds
 
 
 def apply_lora(adapter: ModelAdapter, cfg: DictConfig) -> None:

@@ -10,22 +10,14 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.errors import require
-from dparallel.io import atomic_write_json, atomic_write_text
-
-
-@dataclass
-class SweepConfig:
-    method: str = "grid"  # grid | random | bayes (wandb's search methods; --local runs the grid)
-    metric: str = "train/loss"  # a logged metric (train/...) or an eval cell: eval/<decoder>/<task>/<metric>
-    goal: str = "minimize"  # minimize | maximize
-    parameters: dict[str, Any] = field(default_factory=dict)  # dotted recipe key -> list of values
+from dparallel.commands.recipe import open_run_dir
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.io import atomic_write_json, atomic_write_text
 
 
 def wandb_config(cfg: DictConfig, recipe: str) -> dict:
@@ -58,7 +50,7 @@ def metric_value(run_dir: Path, metric: str) -> float:
         _, decoder, task, name = metric.split("/")
         rows = json.loads((run_dir / "eval.json").read_text())["results"]
         return next(r[name] for r in rows if r["decoder"] == decoder and r["task"] == task)
-    from dparallel.plots import read_metrics
+    from dparallel.core.plots import read_metrics
 
     series = read_metrics(run_dir)
     require(bool(series), f"no metrics logged in {run_dir}/logs")
@@ -68,8 +60,8 @@ def metric_value(run_dir: Path, metric: str) -> float:
 
 def run_local(cfg: DictConfig, recipe: str, overrides: list[str]) -> list[dict]:
     """Run every grid point with ``train`` (wandb offline); write sweep.json, sweep.md and sweep.png."""
-    from dparallel.commands import train
-    from dparallel.config import load_recipe
+    from dparallel.commands.recipe import load_recipe
+    from dparallel.commands.train import train
 
     os.environ.setdefault("WANDB_MODE", "offline")
     base = Path(cfg.run_dir)
@@ -103,9 +95,33 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], metric: str, out: Path) -> None:
-    from dparallel.plots import new_figure, save_figure
+    from dparallel.core.plots import new_figure, save_figure
 
     fig, axes = new_figure(6, 3.5)
     axes[0, 0].barh([r["run"] for r in results], [r[metric] for r in results])
     axes[0, 0].set_xlabel(metric)
     save_figure(fig, out)
+
+
+def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool) -> None:
+    """Write RUN_DIR/sweep.yaml (the wandb sweep); with ``local`` run the grid here and print the table."""
+    from dparallel.commands import sweep as sweeps
+    from dparallel.core.io import atomic_write_text
+
+    run_dir = open_run_dir(cfg)
+    config = sweeps.wandb_config(cfg, recipe)
+    atomic_write_text(run_dir / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    if local:
+        results = sweeps.run_local(cfg, recipe, overrides)
+        print(sweeps.table(results) + f"\nreport: {run_dir / 'sweep.md'}", flush=True)
+        return
+    import wandb
+
+    try:
+        sweep_id = wandb.sweep(config, project=cfg.train.wandb_project)
+    except Exception as e:  # offline, no login: the configuration is still on disk
+        raise DParallelError(
+            f"wrote {run_dir / 'sweep.yaml'} but could not create the wandb sweep ({first_line(e)}): "
+            f"run `wandb sweep {run_dir / 'sweep.yaml'}` when online, or use --local"
+        ) from None
+    print(f"created sweep {sweep_id}; start agents with: wandb agent {cfg.train.wandb_project}/{sweep_id}")

@@ -6,12 +6,14 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from dparallel.adapters import ModelAdapter, load_adapter, read_manifest, resolve_path
+from dparallel.adapters.base import ModelAdapter
+from dparallel.adapters.folder import read_manifest, resolve_path
+from dparallel.adapters.load import load_adapter
+from dparallel.core.errors import require
+from dparallel.core.registry import DECODERS, resolve
+from dparallel.core.runtime import pick_device
+from dparallel.engine.config import DecodeConfig, DecodeStats
 from dparallel.engine.rules import Rule
-from dparallel.engine.sampler import DecodeConfig, DecodeStats, Sampler
-from dparallel.errors import require
 
 DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeConfig)}
 
@@ -27,7 +29,7 @@ class Generation:
     stats: DecodeStats
 
 
-class Generator:
+class Pipeline:
     """A model adapter plus decoding defaults; ``generate`` batches prompts through the engine."""
 
     def __init__(self, adapter: ModelAdapter, defaults: dict | None = None):
@@ -63,29 +65,25 @@ class Generator:
         the rule for prompts ``[start, end)`` (a rule that depends on the prompts, such as the oracle's replay)."""
         config = self.decode_config(**decode)
         make = self.rules.get(config.rule)
-        sampler_class = getattr(self.adapter, "sampler_class", Sampler)  # the ar family decodes with generate()
+        decoder_class = resolve(DECODERS[self.adapter.decoder])  # the ar family decodes with generate()
         if rule_for_batch is None:
-            sampler = sampler_class(self.adapter, config, rule=make(config, decode) if make else None)
+            decoder = decoder_class(self.adapter, config, rule=make(config, decode) if make else None)
         out = []
         for start in range(0, len(ids), batch_size):
             if rule_for_batch is not None:
                 rule = rule_for_batch(start, min(start + batch_size, len(ids)))
-                sampler = sampler_class(self.adapter, config, rule=rule)
-            tokens, order, stats = sampler.run(ids[start : start + batch_size])
+                decoder = decoder_class(self.adapter, config, rule=rule)
+            tokens, order, stats = decoder.run(ids[start : start + batch_size])
             for j, (row, row_order, st) in enumerate(zip(tokens.tolist(), order.tolist(), stats)):
                 text = self.adapter.decode(row)
                 out.append(Generation(prompts[start + j], text, row, row_order, st))
         return out
 
 
-def pick_device(device: str = "auto") -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def load(
     path: str, *, family: str | None = None, device: str = "auto", dtype: str | None = None, revision: str | None = None
-) -> Generator:
-    """Load a model folder, ``builtin:NAME`` or Hub id as a ready :class:`Generator`.
+) -> Pipeline:
+    """Load a model folder, ``builtin:NAME`` or Hub id as a ready :class:`Pipeline`.
 
     Decoding defaults come from the folder's ``dparallel.json`` (``decoding``) when it has them.
     """
@@ -93,7 +91,7 @@ def load(
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     manifest = read_manifest(resolve_path(path))
     if manifest.get("component") not in (None, "base", "student"):  # a component: load its base, attach it
-        from dparallel.components import attach, base_path
+        from dparallel.engine.components import attach, base_path
 
         folder = resolve_path(path)
         base = base_path(folder, manifest)
@@ -104,8 +102,8 @@ def load(
             device=device,
             revision=(manifest.get("base_model") or {}).get("revision"),
         )
-        gen = Generator(adapter, manifest.get("decoding"))
+        gen = Pipeline(adapter, manifest.get("decoding"))
         attach(gen, folder, manifest)
         return gen
     adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
-    return Generator(adapter, manifest.get("decoding"))
+    return Pipeline(adapter, manifest.get("decoding"))

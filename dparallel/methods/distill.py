@@ -15,7 +15,7 @@ gradient accumulation are traded (the reference's masking was only correct at ba
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,27 +24,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, Sampler
 
-from dparallel.errors import DParallelError, require
-from dparallel.training import DParallelModule
-
-
-@dataclass
-class DistillConfig:
-    trajectories: str = "runs/record/trajectories"  # folder written by `dparallel record` (shards + manifest.json)
-    block_length: int = 32  # the semi-AR block trained on; must divide the records' canvas length
-    mask_ratio: list[float] = field(default_factory=lambda: [0.5])  # [p] fixed, or [lo, hi]: p ~ U(lo, hi) per row
-    complementary: bool = True  # second pass masks the block's complement (every block token supervised once)
-    single_pass: bool = False  # one pass only (needs complementary=false); else a second independent draw
-    mask_suffix: bool = True  # blocks after the chosen one are masked, without loss; false: they stay clean
-    full_response: bool = False  # Dream variant: the whole response is the block (masked at p), no suffix
-    temperature: float = 0.5  # T of the entropy term, H(softmax(logits / T))
-    entropy_weight: float = 2.0  # w: 2 for LLaDA, 1 for Dream
-    correct_only: bool = True  # entropy only where the argmax already equals the target
-    only_correct_records: bool = True  # drop trajectories whose meta marks the teacher's answer as wrong
-    max_records: int | None = None  # use at most this many trajectories (None: all)
-    shuffle: bool = True  # reshuffle the trajectories every epoch
-    save_dtype: str = "bfloat16"  # dtype of the saved student
-
+from dparallel.core.errors import DParallelError, require
+from dparallel.core.runtime import weights_dtype
+from dparallel.methods.base import DParallelModule, epoch_order
 
 # ---- inputs -------------------------------------------------------------------------------------------------
 
@@ -205,24 +187,16 @@ class CertaintyForcingModule(DParallelModule):
 
 
 def load_records(path: str, only_correct: bool = True, max_records: int | None = None) -> list[dict]:
-    """Trajectory records (prompt_ids, tokens as int arrays) from a recorded folder, through the reader in
-    ``dparallel.data.trajectory``. Records the teacher got wrong are dropped when ``only_correct``."""
+    """Trajectory records (prompt_ids, tokens as int arrays) from a recorded folder; records the teacher got wrong
+    are dropped when ``only_correct``."""
     try:
-        from dparallel.data.trajectory import read_trajectories
+        from dparallel.data.trajectory import select_records
     except ImportError as e:
         raise DParallelError(
             f"cannot read trajectories: the trajectory reader dparallel.data.trajectory is missing ({e})"
         ) from None
-    require(Path(path).exists(), f"no trajectories at {path}: run `dparallel record` first or set distill.trajectories")
-    records = []
-    for r in read_trajectories(path):
-        if only_correct and (r.get("meta") or {}).get("correct") is False:
-            continue
-        records.append({"prompt_ids": np.asarray(r["prompt_ids"]), "tokens": np.asarray(r["tokens"])})
-        if max_records is not None and len(records) >= max_records:
-            break
-    require(len(records) > 0, f"no usable trajectories in {path} (all filtered out or none recorded)")
-    return records
+    hint = "run `dparallel record` first or set distill.trajectories"
+    return select_records(path, ("prompt_ids", "tokens"), hint, only_correct, max_records)
 
 
 class TrajectoryBatches(Dataset):
@@ -271,10 +245,7 @@ class EpochSampler(Sampler[int]):
         per_rank = self.n // self.world
         epoch, offset = divmod(self.start, per_rank)
         while True:
-            if self.shuffle:
-                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            else:
-                order = torch.arange(self.n)
+            order = epoch_order(self.n, self.seed, epoch, self.shuffle)
             yield from (epoch * self.n + order[self.rank :: self.world][:per_rank][offset:]).tolist()
             epoch, offset = epoch + 1, 0
 
@@ -282,35 +253,28 @@ class EpochSampler(Sampler[int]):
 # ---- method entry points (registered in dparallel.methods) ---------------------------------------------------
 
 
-def _load_dtype(cfg: DictConfig) -> str:
-    """auto: a LoRA student's frozen base in bfloat16 on GPU; full fine-tuning keeps float32 master weights."""
-    if cfg.model.dtype != "auto":
-        return cfg.model.dtype
-    cuda = torch.cuda.is_available() and cfg.model.device != "cpu"
-    return "bfloat16" if cuda and cfg.lora.enabled else "float32"
-
-
 def build(cfg: DictConfig, micro: int, start_batch: int):
     from torch.utils.data import DataLoader
 
-    from dparallel.adapters import load_adapter
-    from dparallel.methods import _rank_world
-    from dparallel.training import apply_lora
+    from dparallel.adapters.load import load_adapter
+    from dparallel.core.runtime import rank_world
+    from dparallel.methods.base import prepare_for_training
 
     d = cfg.distill
     _ratio_range(d.mask_ratio)  # fail on bad options before reading data or loading weights
     require(not (d.complementary and d.single_pass), "distill.single_pass needs distill.complementary=false")
     data_records = load_records(d.trajectories, d.only_correct_records, d.max_records)
-    adapter = load_adapter(cfg.model.path, family=cfg.model.family, dtype=_load_dtype(cfg), revision=cfg.model.revision)
+    adapter = load_adapter(
+        cfg.model.path,
+        family=cfg.model.family,
+        dtype=weights_dtype(cfg.model.dtype, cfg.model.device, frozen=cfg.lora.enabled),
+        revision=cfg.model.revision,
+    )
     data = TrajectoryBatches(data_records, adapter.ids.pad)
     block = data.gen_length if d.full_response else d.block_length
     require(data.gen_length % block == 0, f"distill.block_length={block} does not divide the canvas {data.gen_length}")
-    if cfg.lora.enabled:
-        apply_lora(adapter, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        adapter.model.gradient_checkpointing_enable()
-    adapter.model.train()  # load_adapter hands back an eval-mode model; Lightning keeps whatever mode it finds
-    rank, world = _rank_world()
+    prepare_for_training(adapter, cfg)
+    rank, world = rank_world()
     sampler = EpochSampler(len(data), rank, world, cfg.train.seed, d.shuffle, start=start_batch * micro)
     epochs = cfg.train.max_steps * cfg.train.global_batch_size / len(data)
     print(
@@ -326,6 +290,6 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
 
 def save(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
     """The merged student (LoRA folded in) as a plain model folder."""
-    from dparallel.tiny import save_model_folder
+    from dparallel.adapters.folder import save_model_folder
 
     save_model_folder(module.adapter, out, dtype=cfg.distill.save_dtype, recipe=cfg)

@@ -12,33 +12,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from dparallel.adapters import ModelAdapter
+from dparallel.adapters.base import ModelAdapter
+from dparallel.commands.config import BenchConfig
+from dparallel.commands.recipe import load_recipe, open_run_dir
+from dparallel.core.io import atomic_write_json, atomic_write_text, save_recipe
+from dparallel.core.runtime import weights_dtype
 from dparallel.engine.cache import ContextCache
-from dparallel.engine.sampler import DecodeConfig, Sampler, build_canvas
-
-
-@dataclass
-class BenchConfig:
-    shape: str = ""  # "" = model.path's model; llada-8b = the tiny family at LLaDA-8B's shapes, random bf16 weights
-    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
-    # none | prefix | dual, and MODE-static (StaticCache) or MODE-graph (StaticCache + CUDA graph replay)
-    caches: list[str] = field(default_factory=lambda: ["dual", "prefix", "none"])
-    context: int = 1024  # prompt tokens before the block
-    block_length: int = 32
-    steps: int = 8  # forwards per block for both loops (topk schedule): equal NFE, TPF = block_length / steps
-    reps: int = 10  # timed repetitions of one forward
-    copy_mib: int = 1024  # buffer for the bandwidth measurement
-    train_step: bool = False  # also time one LoRA certainty-forcing step (bf16 autocast on GPU) of train_recipe
-    train_recipe: str = "recipes/llada-8b/distill.yaml"  # its lora and distill sections define the step
-    train_batch: int = 1  # sequences per timed training step (the llada-8b recipe's micro batch)
-    train_prompt: int = 224  # prompt tokens of each training sequence (+ gen 256: the paper's GSM8K shape)
-    train_gen: int = 256
-    peak_tflops: float = 989.0  # the device's dense bf16 peak for MFU (H100/H200 SXM: 989)
-
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.decoder import Decoder, build_canvas
+from dparallel.engine.pipeline import load
 
 # The benchmark shapes: the tiny family's architecture at a real model's sizes.
 SHAPES = {
@@ -82,8 +68,9 @@ def random_shape_adapter(shape: str, device: str) -> ModelAdapter:
     """The tiny family's Llama at ``shape``'s sizes with random bf16 weights: nothing is downloaded."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dparallel.adapters import SpecialIds, TinyAdapter
-    from dparallel.data.tokenizer import build_char_tokenizer
+    from dparallel.adapters.base import SpecialIds
+    from dparallel.adapters.char_tokenizer import build_char_tokenizer
+    from dparallel.adapters.tiny import TinyAdapter
 
     config = LlamaConfig(
         **SHAPES[shape],
@@ -123,7 +110,7 @@ def bench_row(adapter: ModelAdapter, cfg: BenchConfig, batch: int, cache: str, f
             ctx.refresh(canvas.x, canvas.attention_mask, lo, hi)  # allocates the static slots (and the graph)
             refresh_s = timed(lambda: ctx.refresh(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
             step_s = timed(lambda: ctx.step(canvas.x, canvas.attention_mask, lo, hi), device, cfg.reps)
-    engine = Sampler(adapter, decode)
+    engine = Decoder(adapter, decode)
     engine.run(prompts)  # warm-up
     synchronize(device)
     start = time.perf_counter()
@@ -132,7 +119,7 @@ def bench_row(adapter: ModelAdapter, cfg: BenchConfig, batch: int, cache: str, f
     engine_s = time.perf_counter() - start
     nfe = max(s.nfe for s in stats)
     forwards_s = refresh_s + (nfe - 1) * step_s
-    reference = Sampler(adapter, DecodeConfig(**common))
+    reference = Decoder(adapter, DecodeConfig(**common))
     synchronize(device)
     start = time.perf_counter()
     reference.run(prompts)
@@ -164,8 +151,8 @@ def train_step_row(adapter: ModelAdapter, cfg: BenchConfig, recipe) -> dict:
     ``recipe`` (a distill recipe) trains, on random tokens at ``cfg``'s shape: median step time, tokens/s, peak
     device memory and MFU. Model FLOPs per pass: a forward (2 N T) and a backward: activation gradients (2 N T),
     plus weight gradients (2 N T) in full fine-tuning only (LoRA's own are negligible): 2 passes x 4 (6) N T."""
-    from dparallel.distill import CertaintyForcingModule
-    from dparallel.training import apply_lora
+    from dparallel.methods.base import apply_lora
+    from dparallel.methods.distill import CertaintyForcingModule
 
     device = adapter.device
     if recipe.lora.enabled:
@@ -244,3 +231,36 @@ def markdown(report: dict) -> str:
         f"| {r['engine_ms_per_answer']:.1f} | {r['reference_ms_per_answer']:.1f} | {r['speedup_vs_reference']:.2f} |\n"
         for r in report["rows"]
     )
+
+
+def bench(cfg: DictConfig) -> dict:
+    """Run the recipe's bench section; write RUN_DIR/bench.json and RUN_DIR/bench.md."""
+    from dparallel.commands.bench import markdown, random_shape_adapter, run_bench
+    from dparallel.commands.config import BenchConfig
+    from dparallel.core.runtime import pick_device
+
+    run_dir = open_run_dir(cfg)
+    save_recipe(cfg, run_dir)
+    bench_cfg = BenchConfig(**OmegaConf.to_container(cfg.bench))
+    if bench_cfg.shape:
+        adapter = random_shape_adapter(bench_cfg.shape, pick_device(cfg.model.device))
+    else:
+        adapter = load(
+            cfg.model.path,
+            family=cfg.model.family,
+            device=cfg.model.device,
+            dtype=weights_dtype(cfg.model.dtype, cfg.model.device),
+        ).adapter
+    print(f"bench: {adapter.name} on {adapter.device}", flush=True)
+    report = run_bench(adapter, bench_cfg)
+    if bench_cfg.train_step:  # last: it wraps the model in LoRA
+        from dparallel.commands.bench import train_step_row
+
+        report["train_step"] = row = train_step_row(adapter, bench_cfg, load_recipe(bench_cfg.train_recipe))
+        print(
+            f"  train step {row['step_ms']:.0f} ms, {row['tokens_per_s']:.0f} tok/s, MFU {row['mfu']:.3f}", flush=True
+        )
+    atomic_write_json(run_dir / "bench.json", report)
+    atomic_write_text(run_dir / "bench.md", markdown(report))
+    print(f"report: {run_dir / 'bench.json'}", flush=True)
+    return report

@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dparallel.commands.frontier import decoder_kind, frontier_table, wilson_interval
+from dparallel.commands.recipe import open_run_dir
+from dparallel.core.errors import require
+from dparallel.core.io import atomic_write_json, atomic_write_text, save_recipe
+from dparallel.core.runtime import weights_dtype
 from dparallel.data.suite import TASK_FAMILY, is_correct, make_split
-from dparallel.errors import require
-from dparallel.frontier import decoder_kind, frontier_table, wilson_interval
-from dparallel.generator import Generation, Generator
-from dparallel.io import atomic_write_json, atomic_write_text
+from dparallel.engine.config import DecodeConfig
+from dparallel.engine.pipeline import Generation, Pipeline, load
 
 METRICS = ("accuracy", "nfe", "tpf", "tokens_per_s", "wall_s", "fill")
 SPEC_ONLY = ("name", "reference", "frontier", "kind", "model")  # eval decoder keys that are not decoding options
@@ -54,10 +57,10 @@ def _mean_row(decoder: str, task: str, family: str, rows: list[dict], gens: list
 
 
 def evaluate(
-    generator: Generator,
+    generator: Pipeline,
     eval_cfg: DictConfig,
     progress: bool = True,
-    load_model: Callable[[str], Generator] | None = None,
+    load_model: Callable[[str], Pipeline] | None = None,
 ) -> list[dict]:
     """Decode the suite split with every decoder. Rows: one per (decoder, task), one per (decoder, task family)
     with ``task`` = the family's name, and one ``macro`` row per decoder.
@@ -69,7 +72,7 @@ def evaluate(
     prompts = [e.prompt for e in examples]
     answers = generator.adapter.tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
     answer_len = [len(a) for a in answers]
-    generators: dict[str | None, Generator] = {None: generator}
+    generators: dict[str | None, Pipeline] = {None: generator}
     ids: dict[str | None, list[list[int]]] = {}
     rows, outputs, warned = [], {}, set()
     for spec in eval_cfg.decoders:
@@ -158,7 +161,7 @@ def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
 def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
     """Learn2PD's oracle replay of an earlier decoder's outputs in this eval: its NFE is the ceiling a filter
     trained on that decoder's trajectories can reach."""
-    from dparallel.filters.learn2pd import OracleRule
+    from dparallel.engine.oracle import OracleRule
 
     require(
         reference in outputs,
@@ -208,7 +211,7 @@ def pareto_plot(rows: list[dict], frontier_section: dict | None, out: Path, titl
     Without a frontier section, one labelled point per decoder."""
     from matplotlib import ticker
 
-    from dparallel.plots import new_figure, save_figure
+    from dparallel.core.plots import new_figure, save_figure
 
     macro = {r["decoder"]: r for r in rows if r["task"] == "macro"}
     fig, axes = new_figure(6, 4)
@@ -232,3 +235,41 @@ def pareto_plot(rows: list[dict], frontier_section: dict | None, out: Path, titl
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save_figure(fig, out)
+
+
+def evaluate_recipe(cfg: DictConfig, generator: Pipeline | None = None) -> dict:
+    """Run the recipe's eval section on ``model.path`` (or the given generator); write the reports."""
+    run_dir = open_run_dir(cfg)
+    save_recipe(cfg, run_dir)
+    return evaluate_into(cfg, run_dir, cfg.model.path, generator)
+
+
+def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Pipeline | None = None) -> dict:
+    """Evaluate ``model_path`` with the recipe's eval section; write eval.json/.md/pareto.png into ``run_dir``."""
+    from dparallel.commands.frontier import frontier
+    from dparallel.data.suite import validate_tasks
+
+    validate_tasks(list(cfg.eval.suite.tasks))  # fail before loading any weights
+    for spec in cfg.eval.decoders:
+        DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k not in SPEC_ONLY}).validate()
+    generator = generator or load(
+        model_path,
+        family=cfg.model.family,
+        device=cfg.model.device,
+        dtype=weights_dtype(cfg.model.dtype, cfg.model.device),
+        revision=cfg.model.revision,
+    )
+    suite = cfg.eval.suite
+    print(f"evaluating {model_path} on {len(suite.tasks)} tasks x {suite.n_per_task} ({suite.split} split)", flush=True)
+
+    def load_model(path: str) -> Pipeline:
+        return load(path, device=cfg.model.device, dtype=weights_dtype(cfg.model.dtype, cfg.model.device))
+
+    rows = evaluate(generator, cfg.eval, load_model=load_model)
+    points = decoder_points(cfg.eval, model_path)
+    section = None
+    if any(p["name"] == cfg.eval.reference for p in points):  # no reference decoder, no target to read at
+        section = frontier(rows, points, cfg.eval.reference, cfg.eval.margin, model_path)
+    report = write_report(run_dir, model_path, f"suite/{suite.split}", rows, section, plot=cfg.eval.plot)
+    print(f"report: {run_dir / 'eval.md'}", flush=True)
+    return report

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 KINDS = ("reference", "heuristic", "method", "oracle")
 # Rules whose decisions come from a trained component: their points are a method's, not a heuristic's.

@@ -11,16 +11,15 @@ holds the shared save/load/check code so each component only describes its own t
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.adapters import MANIFEST, ModelAdapter, SpecialIds, read_manifest, resolve_path
-from dparallel.errors import DParallelError, first_line, require
-from dparallel.io import atomic_write_json
+from dparallel.adapters.base import ModelAdapter, SpecialIds
+from dparallel.adapters.folder import MANIFEST, read_manifest, resolve_path
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.io import atomic_dir, atomic_write_json
 
 
 def weights_file(kind: str) -> str:
@@ -68,11 +67,7 @@ def save_component(
     component's shape and metrics) and ``decoding`` (the defaults ``dparallel.load`` applies)."""
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    tmp.chmod(0o755)
-    try:
+    with atomic_dir(out) as tmp:
         state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / weights_file(kind)))
         atomic_write_json(
@@ -89,11 +84,6 @@ def save_component(
                 "recipe": OmegaConf.to_container(cfg),
             },
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_weights(folder: str | Path, kind: str, module: torch.nn.Module, manifest: dict) -> torch.nn.Module:
@@ -136,7 +126,7 @@ def base_path(folder: str, manifest: dict) -> str:
 
 def attach(generator, folder: str | Path, manifest: dict | None = None) -> None:
     """Attach the component at ``folder`` to ``generator`` (whose base it is checked against)."""
-    from dparallel.methods import component_attach
+    from dparallel.core.registry import component_attach
 
     folder = resolve_path(str(folder))
     manifest = manifest if manifest is not None else read_manifest(folder)

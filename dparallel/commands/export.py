@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dparallel.adapters import MANIFEST
-from dparallel.errors import DParallelError, first_line, require
-from dparallel.io import atomic_write_json, atomic_write_text
-from dparallel.methods import component_of
+from dparallel.adapters.folder import MANIFEST
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from dparallel.core.registry import component_of
 
 
 def _read_json(path: Path) -> dict:
@@ -47,18 +46,10 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
         eval=eval_report,
         recipe=OmegaConf.to_container(cfg),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
         atomic_write_json(tmp / MANIFEST, manifest)
         atomic_write_text(tmp / "README.md", model_card(manifest, run_dir))
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

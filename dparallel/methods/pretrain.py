@@ -8,25 +8,14 @@ token is masked with probability p, the prompt never. The loss is the cross-entr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
-from dparallel.data.suite import GEN_LENGTH, TASKS
-from dparallel.training import DParallelModule
-
-
-@dataclass
-class PretrainConfig:
-    tasks: list[str] = field(
-        default_factory=lambda: list(TASKS)
-    )  # suite tasks; one listed twice is drawn twice as often
-    gen_lengths: list[int] = field(default_factory=lambda: [GEN_LENGTH])  # answer canvas per batch, drawn uniformly
-    eps: float = 1e-3  # smallest mask probability
-    stratified: bool = True  # stratified t over the batch (low-discrepancy sampler)
-    init: str = "scratch"  # scratch (a fresh tiny model from the `tiny` section) | pretrained (model.path)
-    save_dtype: str = "bfloat16"  # dtype of the saved model weights
+from dparallel.core.runtime import rank_world
+from dparallel.methods.base import DParallelModule, prepare_for_training
 
 
 def mask_ratios(batch: int, eps: float, stratified: bool, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -60,3 +49,40 @@ class MaskedDiffusionModule(DParallelModule):
         with torch.no_grad():
             acc = (logits.argmax(-1) == x)[masked].float().mean()
         return loss, {"masked_acc": acc.detach(), "mask_frac": masked.float().sum() / (~prompt).sum()}
+
+
+def build(cfg: DictConfig, micro: int, start_batch: int):
+    from torch.utils.data import DataLoader
+
+    from dparallel.adapters.load import load_adapter
+    from dparallel.adapters.tiny import new_tiny_adapter
+    from dparallel.data.sft import SuiteBatches
+
+    if cfg.pretrain.init == "scratch":
+        adapter = new_tiny_adapter(cfg.tiny, seed=cfg.train.seed)
+    else:
+        adapter = load_adapter(cfg.model.path, family=cfg.model.family, revision=cfg.model.revision)
+    prepare_for_training(adapter, cfg)
+    rank, world = rank_world()
+    ids = adapter.ids
+    stream = SuiteBatches(
+        adapter.tokenizer,
+        list(cfg.pretrain.tasks),
+        micro,
+        list(cfg.pretrain.gen_lengths),
+        ids.eos,
+        ids.pad,
+        seed=cfg.train.seed,
+        rank=rank,
+        world=world,
+        start_batch=start_batch,
+    )
+    return MaskedDiffusionModule(cfg, adapter), DataLoader(stream, batch_size=None, num_workers=cfg.train.num_workers)
+
+
+def save(module: DParallelModule, cfg: DictConfig, out: Path) -> None:
+    from dparallel.adapters.folder import save_model_folder
+
+    # The recipe's canvas becomes the model's default, so generate() without options fits the answers it learned.
+    decoding = {"gen_length": cfg.decode.gen_length, "block_length": cfg.decode.block_length}
+    save_model_folder(module.adapter, out, dtype=cfg.pretrain.save_dtype, recipe=cfg, decoding=decoding)

@@ -10,113 +10,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from dparallel.adapters import ModelAdapter
-from dparallel.engine.cache import CACHE_MODES, ContextCache, build_cache
-from dparallel.engine.rules import (
-    FACTOR_MODES,
-    NEG_INF,
-    TOPK_TIES,
-    Proposal,
-    Rule,
-    StepContext,
-    build_rule,
-    token_statistics,
-)
-from dparallel.errors import require
-
-EOT_STOP = ("none", "accepted", "any")
-
-
-@dataclass
-class DecodeConfig:
-    """Decoding options. Names follow LLaDA's ``generate`` where it has one."""
-
-    rule: str = "topk"  # topk | confidence | entropy | factor (| filter with a loaded filter component)
-    gen_length: int = 32  # canvas length (answer tokens) per prompt; 32 fits every answer of the embedded suite
-    block_length: int = 32  # semi-AR block; gen_length must be a multiple of it
-    steps: int | None = None  # topk: total steps over the canvas (default gen_length: one token per step)
-    temperature: float = 0.0  # Gumbel-max sampling temperature (0 = argmax)
-    remasking: str = "low_confidence"  # low_confidence | random (topk ordering score)
-    cfg_scale: float = 0.0  # classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`
-    threshold: float = 0.9  # confidence: probability >= tau; entropy: nats < threshold
-    factor: float = 1.0  # factor rule's f
-    factor_mode: str = "paper"  # paper: the longest prefix with (n+1)(1-c_n) <= f | fast_dllm: Fast-dLLM's code
-    topk_ties: str = "lowest_index"  # lowest_index: batch-invariant, no sync | reference: LLaDA's torch.topk order
-    logits_eos_inf: bool = False  # never propose EOS
-    confidence_eos_eot_inf: bool = False  # LLaDA's option: EoT (and EOS at temperature 0) gets zero confidence
-    seed: int = 0  # seed of the sampling generator (temperature > 0 or remasking=random)
-    cache: str = "none"  # none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)
-    cache_refresh: int = 0  # with a cache: also refresh every N steps inside a block (0 = at block start only)
-    static_cache: bool = False  # prefix/dual: keys/values in a preallocated StaticCache (fixed shapes, graph-ready)
-    cuda_graph: bool = False  # with static_cache on a GPU: replay each cached step from a captured CUDA graph
-    sync_every: int = 1  # threshold rules: look on the host whether a block is done every N steps (1 = each step)
-    eot_stop: str = "none"  # EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)
-    k: int = 1  # marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)
-
-    def validate(self) -> None:
-        require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
-        require(
-            self.block_length > 0 and self.gen_length % self.block_length == 0,
-            f"gen_length={self.gen_length} is not divisible by block_length={self.block_length}: "
-            "choose a block_length that divides it",
-        )
-        require(
-            self.remasking in ("low_confidence", "random"),
-            f"remasking={self.remasking!r}: use low_confidence or random",
-        )
-        require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0")
-        require(self.cache in CACHE_MODES, f"cache={self.cache!r}: choose from {', '.join(CACHE_MODES)}")
-        require(self.cache == "none" or self.cfg_scale <= 0, "cfg_scale > 0 needs cache=none")
-        require(
-            self.factor_mode in FACTOR_MODES, f"factor_mode={self.factor_mode!r}: choose from {', '.join(FACTOR_MODES)}"
-        )
-        require(self.topk_ties in TOPK_TIES, f"topk_ties={self.topk_ties!r}: choose from {', '.join(TOPK_TIES)}")
-        require(self.cache_refresh >= 0, f"cache_refresh={self.cache_refresh} must be >= 0")
-        require(self.sync_every >= 1, f"sync_every={self.sync_every} must be >= 1")
-        require(
-            not self.cuda_graph or (self.static_cache and self.cache in ("prefix", "dual")),
-            "cuda_graph=true replays the static cached step: set cache=dual (or prefix) and static_cache=true",
-        )
-        require(self.eot_stop in EOT_STOP, f"eot_stop={self.eot_stop!r}: choose from {', '.join(EOT_STOP)}")
-        require(
-            isinstance(self.k, int) and 1 <= self.k <= self.block_length,
-            f"k={self.k} tokens per full forward must be between 1 and block_length={self.block_length}",
-        )
-        if self.steps is not None:
-            require(
-                0 < self.steps <= self.gen_length,
-                f"steps={self.steps} must be between 1 and gen_length={self.gen_length}",
-            )
-
-    @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-
-@dataclass
-class DecodeStats:
-    """Per-answer statistics. ``nfe`` counts full-model forwards this row took part in while it still had masked
-    positions; ``answer_tokens`` counts tokens up to and including the first EOS/EoT."""
-
-    nfe: int
-    answer_tokens: int
-    wall_s: float
-    sampler_calls: int = 0
-
-    @property
-    def tpf(self) -> float:
-        return self.answer_tokens / max(self.nfe, 1)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.answer_tokens / self.wall_s if self.wall_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "tpf": self.tpf, "tokens_per_s": self.tokens_per_s}
+from dparallel.adapters.base import ModelAdapter
+from dparallel.core.errors import require
+from dparallel.engine.cache import ContextCache, build_cache
+from dparallel.engine.config import DecodeConfig, DecodeStats
+from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule, token_statistics
 
 
 @dataclass
@@ -165,7 +67,7 @@ def _emit_step(
     active: torch.Tensor,
 ) -> None:
     """Argmax and :func:`token_statistics` over the answer canvas (where the forward covered it) for
-    ``Sampler.run``; positions the forward did not cover keep their token and get statistics 0."""
+    ``Decoder.run``; positions the forward did not cover keep their token and get statistics 0."""
     width = canvas.prompt_width
     tokens = canvas.x[:, width:].clone()
     lo, hi = max(first, width), first + logits.shape[1]
@@ -186,7 +88,7 @@ def _align_hidden(hidden: torch.Tensor, span: int, first: int, length: int, lead
     return hidden[:, start : start + span]
 
 
-class Sampler:
+class Decoder:
     """Runs one decoding rule over batches of prompts with a model adapter."""
 
     def __init__(self, adapter: ModelAdapter, config: DecodeConfig, rule: Rule | None = None):
@@ -311,45 +213,56 @@ class Sampler:
                 check = (not self.rule.fixed_steps or cfg.eot_stop != "none") and step % cfg.sync_every == 0
                 if check and not bool(active.any()):
                     break
-                masked = canvas.x == mask_id
-                masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
-                # a forward hook on the LM head for rules over hidden states; other rules skip it entirely
-                with self.adapter.capture_hidden() if self.rule.needs_hidden else nullcontext() as captured:
-                    logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
-                hidden = (
-                    None
-                    if captured is None
-                    else _align_hidden(
-                        captured.hidden, logits.shape[1], first, canvas.x.shape[1], cache.lead if cache else 0
-                    )
-                )
-                span = slice(first, first + logits.shape[1])
-                tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
-                w = slice(lo - first, hi - first)
-                context = StepContext(
-                    canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen, hidden
-                )
-                offset = lo - canvas.prompt_width
-                proposal = Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, offset, context)
+                proposal, logits, first = self._proposal(canvas, cache, prompt_positions, (lo, hi), step, nfe, gen)
                 if on_step is not None:
                     _emit_step(on_step, calls, canvas, logits, first, nfe, active)
                     calls += 1
-                commit = self.rule.select(proposal) & in_block  # a rule may replace proposal.tokens (oracle)
-                if cfg.eot_stop == "any":
-                    commit = self._cut_at_proposed_eot(proposal, commit)
-                window = canvas.x[:, lo:hi]
-                canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)
-                order = canvas.order[:, lo - canvas.prompt_width : hi - canvas.prompt_width]
-                # the row's own step count (its NFE so far), so a row's trajectory does not depend on its batch
-                order.copy_(torch.where(commit, nfe[:, None], order))
-                if cfg.eot_stop != "none":
-                    self._fill_after_eot(canvas, nfe)
+                self._commit(canvas, proposal, lo, hi, nfe)
                 nfe += active.long()
-        wall = time.perf_counter() - start
         out = canvas.x[:, canvas.prompt_width :]
-        row_calls = self.rule.sampler_calls() or [0] * len(prompts)
-        stats = [
-            DecodeStats(int(n), self.adapter.answer_length(row), wall / len(prompts), int(c))
+        return out, canvas.order, self._stats(out, nfe, time.perf_counter() - start)
+
+    def _proposal(self, canvas, cache, prompt_positions, window: tuple[int, int], step: int, nfe, gen):
+        """One model call on the active block ``window`` = [lo, hi): the rule's :class:`Proposal` (argmax tokens,
+        confidences and logits over the block, [B, W] / [B, W, V]), and the call's logits [B, S, V] from canvas
+        position ``first``."""
+        lo, hi = window
+        mask_id = self.adapter.ids.mask
+        masked = canvas.x == mask_id
+        masked[:, hi:] = False  # LLaDA: positions after the block get -inf confidence
+        # a forward hook on the LM head for rules over hidden states; other rules skip it entirely
+        with self.adapter.capture_hidden() if self.rule.needs_hidden else nullcontext() as captured:
+            logits, first = self._block_logits(canvas, cache, prompt_positions, lo, hi, step)
+        hidden = None
+        if captured is not None:
+            lead = cache.lead if cache else 0
+            hidden = _align_hidden(captured.hidden, logits.shape[1], first, canvas.x.shape[1], lead)
+        span = slice(first, first + logits.shape[1])
+        tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
+        w = slice(lo - first, hi - first)
+        context = StepContext(
+            canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen, hidden
+        )
+        in_block = canvas.x[:, lo:hi] == mask_id  # [B, W]
+        offset = lo - canvas.prompt_width
+        return Proposal(tokens[:, w], conf[:, w], logits[:, w], in_block, step, offset, context), logits, first
+
+    def _commit(self, canvas: Canvas, proposal: Proposal, lo: int, hi: int, nfe: torch.Tensor) -> None:
+        """Write the rule's selection into the block and record each committed position's step."""
+        commit = self.rule.select(proposal) & proposal.masked  # a rule may replace proposal.tokens (oracle)
+        if self.config.eot_stop == "any":
+            commit = self._cut_at_proposed_eot(proposal, commit)
+        window = canvas.x[:, lo:hi]
+        canvas.x[:, lo:hi] = torch.where(commit, proposal.tokens, window)
+        order = canvas.order[:, lo - canvas.prompt_width : hi - canvas.prompt_width]
+        # the row's own step count (its NFE so far), so a row's trajectory does not depend on its batch
+        order.copy_(torch.where(commit, nfe[:, None], order))
+        if self.config.eot_stop != "none":
+            self._fill_after_eot(canvas, nfe)
+
+    def _stats(self, out: torch.Tensor, nfe: torch.Tensor, wall: float) -> list[DecodeStats]:
+        row_calls = self.rule.sampler_calls() or [0] * out.shape[0]
+        return [
+            DecodeStats(int(n), self.adapter.answer_length(row), wall / out.shape[0], int(c))
             for n, row, c in zip(nfe.tolist(), out.tolist(), row_calls)
         ]
-        return out, canvas.order, stats

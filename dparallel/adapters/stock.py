@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import LlamaConfig, Qwen2Config
 
-from dparallel.errors import require
+from dparallel.core.errors import require
 
 # LLaDA (OLMo names) -> Llama. LLaDA's SwiGLU is ff_out(act(ff_proj(x)) * up_proj(x)): ff_proj is Llama's gate.
 LLADA_KEY_MAPPING: dict[str, str] = {

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.commands import evaluate_recipe, train
-from dparallel.config import load_recipe
-from dparallel.paths import recipes_dir
+from dparallel.commands.evaluate import evaluate_recipe
+from dparallel.commands.recipe import load_recipe
+from dparallel.commands.train import train
+from dparallel.core.paths import recipes_dir
 
 
 def _tiny_stage(cfg: DictConfig, stage: str, recipe: str, overrides: list[str]) -> DictConfig:
@@ -26,10 +27,36 @@ def _macro(report: dict, model: str) -> list[dict]:
     return [{**r, "model": model} for r in report["results"] if r["task"] == "macro"]
 
 
+def _distill_stage(cfg: DictConfig, trajectories) -> DictConfig:
+    """The distillation recipe on the recorded trajectories. The train command evaluates the student itself
+    (eval.after_train), so its run folder, and the export made from it, carry the eval table."""
+    q = cfg.quickstart
+    distill = _tiny_stage(
+        cfg,
+        "distill",
+        "distill.yaml",
+        [
+            f"distill.trajectories={trajectories}",
+            f"train.max_steps={q.distill_steps}",
+            f"train.global_batch_size={q.distill_batch}",
+            "train.warmup_steps=5",
+            "eval.after_train=true",
+            f"eval.batch_size={cfg.eval.batch_size}",
+            f"eval.suite.n_per_task={cfg.eval.suite.n_per_task}",
+        ],
+    )
+    template = OmegaConf.to_container(cfg.eval.decoders[0])
+    decoders = [
+        {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t)}
+        for rule, t in (d.split(":") for d in q.student_decoders)
+    ]
+    return OmegaConf.merge(distill, {"eval": {"decoders": decoders}})  # typed: each becomes a DecoderSpec
+
+
 def quickstart(cfg: DictConfig) -> list[dict]:
     """Run every stage and print the before/after table; returns its rows."""
+    from dparallel.commands.export import export_run
     from dparallel.data.record import record
-    from dparallel.export import export_run
 
     q, run_dir, start = cfg.quickstart, Path(cfg.run_dir), time.perf_counter()
     print(f"dparallel quickstart: teacher {cfg.model.path}, outputs under {run_dir}", flush=True)
@@ -50,29 +77,7 @@ def quickstart(cfg: DictConfig) -> list[dict]:
     )
 
     print(f"\n[3/4] certainty-forcing distillation ({q.distill_steps} steps), then the student's eval", flush=True)
-    # The train command evaluates the student itself (eval.after_train), so its run folder, and the export made
-    # from it, carry the eval table.
-    distill = _tiny_stage(
-        cfg,
-        "distill",
-        "distill.yaml",
-        [
-            f"distill.trajectories={trajectories}",
-            f"train.max_steps={q.distill_steps}",
-            f"train.global_batch_size={q.distill_batch}",
-            "train.warmup_steps=5",
-            "eval.after_train=true",
-            f"eval.batch_size={cfg.eval.batch_size}",
-            f"eval.suite.n_per_task={cfg.eval.suite.n_per_task}",
-        ],
-    )
-    template = OmegaConf.to_container(cfg.eval.decoders[0])
-    decoders = [
-        {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t)}
-        for rule, t in (d.split(":") for d in q.student_decoders)
-    ]
-    distill = OmegaConf.merge(distill, {"eval": {"decoders": decoders}})  # typed: each becomes a DecoderSpec
-    train(distill)
+    train(_distill_stage(cfg, trajectories))
     rows += _macro(json.loads((run_dir / "distill" / "eval.json").read_text()), "student")
 
     print("\n[4/4] export", flush=True)

@@ -1,0 +1,78 @@
+"""Recipe sections of the data layer: the suite, a prompt source, recording trajectories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dparallel.data.suite import TASKS
+
+
+@dataclass
+class SuiteConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """suite tasks (default: all ten)"""
+    split: str = "test"
+    """train | test | longer"""
+    n_per_task: int = 50
+    """examples per task"""
+    seed: int = 0
+
+
+KINDS = ("auto", "suite", "jsonl", "csv", "parquet", "hf")
+
+
+CHECKERS = ("auto", "none", "exact", "last_number", "suite")
+
+
+@dataclass
+class RecordSuiteConfig(SuiteConfig):
+    """The suite as a prompt source: its train split by default (evaluation uses test)."""
+
+    split: str = "train"
+    """train | test | longer"""
+    n_per_task: int = 100
+    """examples per task"""
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "auto"
+    """auto (from path: .jsonl/.json, .csv, .parquet, a folder = saved HF dataset; none = suite)"""
+    path: str | None = None
+    """the file or folder (kind != suite)"""
+    split: str | None = None
+    """hf: the split of a saved DatasetDict (default: train, or its only split)"""
+    prompt_column: str = "prompt"
+    answer_column: str | None = "answer"
+    """reference answers (optional: used when the column exists)"""
+    id_column: str | None = None
+    """example ids (default: the row number)"""
+    chat_template: bool = False
+    """wrap each prompt in the tokenizer's chat template"""
+    limit: int | None = None
+    """keep the first N prompts (after dedup)"""
+    suite: RecordSuiteConfig = field(default_factory=RecordSuiteConfig)
+    """kind=suite"""
+
+
+@dataclass
+class RecordConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    out: str = "${run_dir}/trajectories"
+    """output folder: shard-NNNNN/ + sidecars, manifest.json, tokenizer/"""
+    shard_size: int = 256
+    """prompts per shard: the unit of resume and of each rank's work"""
+    batch_size: int = 32
+    """prompts per engine call"""
+    features: bool = False
+    """also store dense per-step pred, conf, entropy, margin [steps, G] (Learn2PD's inputs)"""
+    keep: str = "all"
+    """all | correct (drop records the checker marks wrong)"""
+    checker: str = "auto"
+    """auto (suite: its own; else none) | none | exact | last_number | suite | module:function"""
+    dedup: bool = True
+    """drop repeated prompts (by hash), keeping the first"""
+    max_shards: int | None = None
+    """stop after writing this many shards in this run (a rerun resumes)"""
+    wait_timeout_s: float = 3600.0
+    """how long ranks wait for each other at the end before failing"""

@@ -1,0 +1,55 @@
+"""Loading any model folder or Hub id through its family's adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+)
+from transformers.utils import logging as hf_logging
+
+from dparallel.adapters.base import ModelAdapter, SpecialIds
+from dparallel.adapters.folder import download, read_manifest, resolve_path
+from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.registry import FAMILIES, adapter_class
+
+
+def load_adapter(
+    path: str,
+    family: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    revision: str | None = None,
+) -> ModelAdapter:
+    """Load model + tokenizer at ``path`` (a local folder, ``builtin:NAME`` or a Hub id) through its family.
+
+    The family comes from the argument, else from the folder's ``dparallel.json``. Nothing is downloaded when
+    ``path`` is local; a Hub id downloads the weights (HF_HUB_OFFLINE=1 turns that into a clear error).
+    """
+    local = resolve_path(path)
+    require(
+        not local.startswith((".", "/")) or Path(local).is_dir(),
+        f"model folder {local} does not exist: check model.path",
+    )
+    if not Path(local).is_dir():
+        local = download(local, revision)
+    manifest = read_manifest(local)
+    family = family or manifest.get("family")
+    require(family is not None, f"cannot tell the model family of {path!r}: set model.family ({', '.join(FAMILIES)})")
+    cls = adapter_class(family)
+    torch_dtype = getattr(torch, dtype)
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our own progress output
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local, revision=revision, trust_remote_code=cls.trust_remote_code)
+        model = cls.load_model(local, torch_dtype, revision)
+    except OSError as e:
+        first = first_line(e)
+        raise DParallelError(f"cannot load model {path!r}: {first}") from None
+    model = model.to(device).eval()
+    ids = cls.default_ids(tokenizer)
+    overrides = manifest.get("ids", {})
+    if overrides:
+        ids = SpecialIds(**{**ids.__dict__, **overrides})
+    return cls(model, tokenizer, ids, name=manifest.get("name", path), revision=revision or "")

@@ -1,0 +1,1 @@
+"""The lowest layer: errors, atomic writes, paths, the runtime (rank, device, dtype) and the registry."""

@@ -1,0 +1,1 @@
+"""Training: the LightningModule base, the trainer, and the methods that live in dparallel/ (pretrain, distill)."""
