@@ -111,7 +111,7 @@ def load_head(folder: str | Path, manifest: dict | None = None) -> tuple[FilterH
 
 def attach_filter(generator, folder: str | Path, manifest: dict | None = None) -> None:
     """Give ``generator`` the ``filter`` rule of the component at ``folder`` (its base is checked by
-    :func:`dparallel.components.attach`)."""
+    :func:`dparallel.engine.components.attach`)."""
     head, manifest = load_head(folder, manifest)
     head = head.to(generator.adapter.device)
     default_threshold = float(manifest.get("threshold", 0.96))
