@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dparallel.core.errors import require
+from dparallel.core.fields import ranged
 from dparallel.data.config import SourceConfig
 from dparallel.data.suite import TASKS
 
@@ -34,13 +35,13 @@ class Ar2DiffConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     gen_lengths: list[int] = field(default_factory=lambda: [64])
     """answer canvas; a multiple of block_size"""
-    block_size: int = 16
+    block_size: int = ranged(16, 1)
     """attention block of the converted model (Fast-dLLM v2: 32)"""
     noise: str = "block"
     """block (one t per block) | sample (one t per row)"""
-    eps: float = 1e-3
+    eps: float = ranged(1e-3, 0, 1, above=True, below=True)
     """smallest mask probability"""
-    position_slope: float = 0.0
+    position_slope: float = ranged(0.0, 0, 2)
     """Efficient-DLM: later tokens of a block masked more (0 = uniform; at most 2)"""
     inverse_t_weight: bool = False
     """CE / p (BD3-LM, SDAR); false: mean CE over masked tokens (Fast-dLLM v2)"""
@@ -50,11 +51,11 @@ class Ar2DiffConfig:
     """a second copy masks the complement (Fast-dLLM v2)"""
     context_causal: bool = False
     """clean half token-causal (NBDiff); implied by ar_loss_weight > 0"""
-    ar_loss_weight: float = 0.0
+    ar_loss_weight: float = ranged(0.0, 0)
     """weight of the AR loss on the clean half (NBDiff; makes the clean half causal)"""
     curriculum: str = "none"
     """none | grow (block 1, 2, 4 ... block_size) | jump (1, then block_size)"""
-    curriculum_steps: int = 0
+    curriculum_steps: int = ranged(0, 0)
     """steps until the full block size"""
     save_dtype: str = "bfloat16"
     """dtype of the saved model"""

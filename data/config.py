@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dparallel.core.fields import ranged
 from dparallel.data.suite import TASKS
 
 
@@ -13,7 +14,7 @@ class SuiteConfig:
     """suite tasks (default: all ten)"""
     split: str = "test"
     """train | test | longer"""
-    n_per_task: int = 50
+    n_per_task: int = ranged(50, 1)
     """examples per task"""
     seed: int = 0
 
@@ -30,7 +31,7 @@ class RecordSuiteConfig(SuiteConfig):
 
     split: str = "train"
     """train | test | longer"""
-    n_per_task: int = 100
+    n_per_task: int = ranged(100, 1)
     """examples per task"""
 
 
@@ -49,7 +50,7 @@ class SourceConfig:
     """example ids (default: the row number)"""
     chat_template: bool = False
     """wrap each prompt in the tokenizer's chat template"""
-    limit: int | None = None
+    limit: int | None = ranged(None, 1)
     """keep the first N prompts (after dedup)"""
     suite: RecordSuiteConfig = field(default_factory=RecordSuiteConfig)
     """kind=suite"""
@@ -60,9 +61,9 @@ class RecordConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     out: str = "${run_dir}/trajectories"
     """output folder: shard-NNNNN/ + sidecars, manifest.json, tokenizer/"""
-    shard_size: int = 256
+    shard_size: int = ranged(256, 1)
     """prompts per shard: the unit of resume and of each rank's work"""
-    batch_size: int = 32
+    batch_size: int = ranged(32, 1)
     """prompts per engine call"""
     features: bool = False
     """also store dense per-step pred, conf, entropy, margin [steps, G] (Learn2PD's inputs)"""
@@ -72,7 +73,7 @@ class RecordConfig:
     """auto (suite: its own; else none) | none | exact | last_number | suite | module:function"""
     dedup: bool = True
     """drop repeated prompts (by hash), keeping the first"""
-    max_shards: int | None = None
+    max_shards: int | None = ranged(None, 1)
     """stop after writing this many shards in this run (a rerun resumes)"""
-    wait_timeout_s: float = 3600.0
+    wait_timeout_s: float = ranged(3600.0, 0, above=True)
     """how long ranks wait for each other at the end before failing"""

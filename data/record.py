@@ -41,13 +41,7 @@ def record(cfg: DictConfig) -> Path:
     items = load_items(rc.source, dedup=rc.dedup)
     checker = build_checker(rc.checker, rc.source, items)
     require(checker is not None or rc.keep == "all", "record.keep=correct needs a checker: set record.checker")
-    spec = {
-        "teacher": {k: cfg.model[k] for k in ("path", "family", "revision", "dtype")},
-        "decode": dataclasses.asdict(decode),
-        "source": {**OmegaConf.to_container(rc.source), "name": source_name(rc.source)},
-        "record": {k: rc[k] for k in ("shard_size", "features", "keep", "checker", "dedup")},
-        "prompts_sha256": _hash([(it.id, it.prompt, it.answer) for it in items]),
-    }
+    spec = _spec(cfg, decode, items)
     config_hash = _hash(spec)
     out, rank, world = Path(rc.out), *rank_world()
     n_shards = math.ceil(len(items) / rc.shard_size)
@@ -57,9 +51,11 @@ def record(cfg: DictConfig) -> Path:
             manifest.get("config_hash") == config_hash,
             f"{out / T.MANIFEST} was recorded with another recipe: choose another record.out or delete the folder",
         )
-        if rank == 0:
-            print(f"{out} is already recorded ({manifest['counts']['records']} records): nothing to do", flush=True)
-        return out
+        if not any(T.damaged_shard(out, i, config_hash) for i in range(n_shards)):
+            if rank == 0:
+                print(f"{out} is already recorded ({manifest['counts']['records']} records): nothing to do", flush=True)
+            return out
+    _repair(out, [i for i in range(rank, n_shards, world)], config_hash)
     if rank == 0:
         from dparallel.core.io import save_recipe
 
@@ -87,6 +83,30 @@ def record(cfg: DictConfig) -> Path:
     rate = f", {c['correct']}/{c['checked']} correct" if c["checked"] else ""
     print(f"recorded {c['records']} trajectories of {c['prompts']} prompts{rate} in {out}", flush=True)
     return out
+
+
+def _spec(cfg: DictConfig, decode, items: list[Item]) -> dict:
+    """What makes a recording what it is (its hash names the folder's recipe): teacher, decoding, source, prompts."""
+    rc = cfg.record
+    return {
+        "teacher": {k: cfg.model[k] for k in ("path", "family", "revision", "dtype")},
+        "decode": dataclasses.asdict(decode),
+        "source": {**OmegaConf.to_container(rc.source), "name": source_name(rc.source)},
+        "record": {k: rc[k] for k in ("shard_size", "features", "keep", "checker", "dedup")},
+        "prompts_sha256": _hash([(it.id, it.prompt, it.answer) for it in items]),
+    }
+
+
+def _repair(out: Path, mine: list[int], config_hash: str) -> None:
+    """Forget this rank's damaged shards (a folder deleted, truncated or edited since it was recorded) so they are
+    recorded again: each shard is a function of the recipe and its prompts, so the new one is the old one."""
+    from dparallel.data import trajectory as T
+
+    damaged = [i for i in mine if T.damaged_shard(out, i, config_hash)]
+    if damaged:
+        names = ", ".join(T.shard_name(i) for i in damaged)
+        print(f"{len(damaged)} recorded shard(s) of {out} are damaged ({names}): recording them again", flush=True)
+        T.forget_shards(out, damaged)
 
 
 def _manifest(out: Path, config_hash: str, spec: dict, infos: list[dict], prompts: int) -> dict:

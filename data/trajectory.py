@@ -205,6 +205,23 @@ def finished_shard(out: Path, index: int, config_hash: str, verify: bool = True)
     return info
 
 
+def damaged_shard(out: Path, index: int, config_hash: str) -> bool:
+    """Shard ``index`` has a sidecar of this recipe but its folder is missing or does not match its checksum."""
+    side, folder = sidecar_path(out, index), Path(out) / shard_name(index)
+    if not side.is_file() or _read_json(side, "shard sidecar").get("config_hash") != config_hash:
+        return False
+    return not folder.is_dir() or dir_checksum(folder) != _read_json(side, "shard sidecar").get("sha256")
+
+
+def forget_shards(out: Path, indices: list[int]) -> None:
+    """Remove shards (folder, then sidecar) so that a rerun records them again; the manifest goes with them."""
+    for i in indices:
+        shutil.rmtree(Path(out) / shard_name(i), ignore_errors=True)
+        sidecar_path(out, i).unlink(missing_ok=True)
+    if indices:
+        (Path(out) / MANIFEST).unlink(missing_ok=True)
+
+
 def _verify(folder: Path, info: dict, side: Path) -> None:
     require(
         dir_checksum(folder) == info.get("sha256"),

@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from dparallel.core.errors import DParallelError
+from dparallel.core.errors import DParallelError, describe_os_error
 from dparallel.core.paths import recipes_dir
 
 
@@ -65,6 +65,7 @@ def version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dparallel", description="Train and run parallel decoders for dLLMs.")
     parser.add_argument("--version", action="version", version=f"dparallel {version()}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error (DPARALLEL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     export = sub.add_parser(
         "export",
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             p.add_argument("--prompts-file", help="a text file, one prompt per line")
             p.add_argument("--json", action="store_true", help="print one JSON object per answer, with stats")
+            p.add_argument("--lenient", action="store_true", help="drop prompt characters the tokenizer lacks (warn)")
         if name == "sweep":
             p.add_argument("--local", action="store_true", help="run every grid point here, wandb offline")
     return parser
@@ -175,7 +177,7 @@ def run(argv: list[str]) -> int:
     cfg = load_recipe(recipe, overrides, command=ns.command)
     function = resolve(COMMANDS[ns.command].run)
     if ns.command == "generate":
-        function(cfg, _prompts(ns), as_json=ns.json)
+        function(cfg, _prompts(ns), as_json=ns.json, lenient=ns.lenient)
     elif ns.command == "sweep":
         function(cfg, recipe, overrides, local=ns.local)
     else:
@@ -196,15 +198,28 @@ def _export(ns: argparse.Namespace, extra: list[str], parser: argparse.ArgumentP
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. A user's mistake (a DParallelError, or an OS failure they can mend: permission, disk full,
+    a path of the wrong kind) is one line and exit 2; ``--debug`` (or DPARALLEL_DEBUG=1) keeps the traceback."""
     import logging
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("DPARALLEL_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
     # Lightning's info lines (accelerator summary, cloud-logging tips) drown our own progress output.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
-        code = run(sys.argv[1:] if argv is None else argv)
+        code = run(argv)
     except DParallelError as e:
+        if debug:
+            raise
         print(f"dparallel: error: {e}", file=sys.stderr)
         code = e.exit_code
+    except OSError as e:
+        message = describe_os_error(e)
+        if debug or message is None:
+            raise
+        print(f"dparallel: error: {message}", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:
         print("dparallel: interrupted (a rerun resumes from the last checkpoint or shard)", file=sys.stderr)
         code = 130

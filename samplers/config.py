@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dparallel.core.fields import ranged
 from dparallel.data.config import SourceConfig
 
 
@@ -11,21 +12,21 @@ from dparallel.data.config import SourceConfig
 class JointConfig:
     trajectories: str = "runs/record-sequential/trajectories"
     """one token per forward (rule=marginal k=1)"""
-    block_length: int = 32
+    block_length: int = ranged(32, 1)
     """W: the window the sampler layer attends over (the decoding block)"""
-    depth: int = 4
+    depth: int = ranged(4, 1)
     """K: the deepest unroll trained (k tokens per forward need k - 1 refreshes)"""
-    k: int = 4
+    k: int = ranged(4, 1)
     """tokens per full forward: the exported decoding default"""
-    val_fraction: float = 0.1
+    val_fraction: float = ranged(0.1, 0, 1, below=True)
     """share held out for val/kl (of the records, or of the windows: see val_by)"""
     val_by: str = "records"
     """records (whole trajectories held out) | windows (windows of the same trajectories)"""
-    val_windows: int = 64
+    val_windows: int = ranged(64, 1)
     """held-out windows val/kl averages over"""
-    eval_every: int = 25
+    eval_every: int = ranged(25, 1)
     """steps between val/kl evaluations (and at the start)"""
-    max_records: int | None = None
+    max_records: int | None = ranged(None, 1)
     """use at most this many trajectories (None: all)"""
 
 
@@ -38,40 +39,40 @@ class PolicyConfig:
     """training prompts (default: the suite's train split)"""
     checker: str = "auto"
     """correctness: auto (the suite's own) | exact | last_number | module:function"""
-    gen_length: int = 128
+    gen_length: int = ranged(128, 1)
     """L: the answer canvas of the rollouts"""
-    block_length: int = 128
+    block_length: int = ranged(128, 1)
     """rollout block (gen_length = one block of full diffusion; 32 = semi-AR)"""
-    group_size: int = 8
+    group_size: int = ranged(8, 1)
     """G: policy rollouts per prompt"""
-    temperature: float = 1.0
+    temperature: float = ranged(1.0, 0, above=True)
     """Bernoulli temperature of the rollouts (paper: 0.5 at block 32, 1.0 at block 256)"""
-    alpha: float = 1.0
+    alpha: float = ranged(1.0, 0)
     """speed exponent (multiplicative) or per-step penalty x L (additive)"""
     reward: str = "multiplicative"
     """multiplicative | additive"""
-    clip_eps: float = 0.5
+    clip_eps: float = ranged(0.5, 0, above=True)
     """PPO clip range"""
-    updates_per_batch: int = 2
+    updates_per_batch: int = ranged(2, 1)
     """optimizer updates per rollout batch"""
     std_normalize: bool = False
     """divide group advantages by the group's std"""
-    kl_coef: float = 0.0
+    kl_coef: float = ranged(0.0, 0)
     """weight of KL(pi || pi_init) (0: off, the paper's setting)"""
     expert_steering: bool = False
     """add a confidence-threshold rollout to each group (mixture likelihood)"""
-    expert_threshold: float = 0.9
+    expert_threshold: float = ranged(0.9, 0, 1, above=True)
     """the expert's confidence threshold"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = ranged(1.0, 0)
     """clip the policy's gradient norm (0: off); train.grad_clip must be 0 (manual opt)"""
     features: list[str] = field(default_factory=lambda: ["conf"])
     """conf | entropy | margin"""
-    topk: int = 0
+    topk: int = ranged(0, 0)
     """also the k largest probabilities (0: off)"""
-    dim: int = 128
-    ffn: int = 512
-    heads: int = 2
+    dim: int = ranged(128, 1)
+    ffn: int = ranged(512, 1)
+    heads: int = ranged(2, 1)
     init_bias: float = -2.0
     """output bias: sigmoid(-2) ~ 0.12 per position at the start"""
-    threshold: float = 0.5
+    threshold: float = ranged(0.5, 0, 1, above=True, below=True)
     """greedy decoding: commit p > threshold (the exported default)"""

@@ -248,7 +248,13 @@ def adapter_mask(adapter, x, attn):
 
 # ---- the ar -> ar2diff pipeline -------------------------------------------------------------------------------
 TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
-STEPS = ["train.max_steps=2", "train.global_batch_size=4", "train.log_every=1", "model.device=cpu"]
+STEPS = [
+    "train.max_steps=2",
+    "train.schedule_steps=1000",
+    "train.global_batch_size=4",
+    "train.log_every=1",
+    "model.device=cpu",
+]
 
 
 @pytest.fixture(scope="module")

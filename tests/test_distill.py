@@ -237,9 +237,9 @@ def test_fit_three_steps_then_export_and_load_the_student_in_a_fresh_process(tmp
     assert fresh_process_tokens(folder, ["copy: ab\n"], **decode) == [out[0].tokens]
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path, monkeypatch):
-    """Stopped after 2 of 4 steps (the checkpoint a kill leaves) and rerun: the same 4 losses as a run that never
-    stopped (the data order resumes by batch index, the optimizer and schedule from the checkpoint)."""
+def _fit_losses(tmp_path, monkeypatch):
+    """A function fit(run_dir, steps) -> the run's logged losses, over a fixed 4-step schedule (so a run stopped
+    early and resumed follows the same curve as one that never stopped)."""
     import csv
 
     adapter = tiny()
@@ -259,16 +259,51 @@ def test_a_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path, monkeypa
                 "train.warmup_steps=1",
                 "train.lr=1e-2",
                 "train.schedule_steps=4",
+                "train.checkpoint_every=1",
             )  # fmt: skip
         )
         logs = sorted((run / "logs").glob("version_*/metrics.csv"))
         return [float(r["train/loss"]) for log in logs for r in csv.DictReader(log.open()) if r.get("train/loss")]
 
+    return fit
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_loss_curve(tmp_path, monkeypatch):
+    """Stopped after 2 of 4 steps (the checkpoint a kill leaves) and rerun: the same 4 losses as a run that never
+    stopped (the data order resumes by batch index, the optimizer and schedule from the checkpoint)."""
+    fit = _fit_losses(tmp_path, monkeypatch)
     whole = fit(tmp_path / "whole", 4)
     fit(tmp_path / "killed", 2)
     resumed = fit(tmp_path / "killed", 4)
     assert len(whole) == 4 and whole[0] != whole[-1]
     assert resumed == pytest.approx(whole, abs=1e-6)
+
+
+def test_a_damaged_last_checkpoint_resumes_from_the_previous_good_one(tmp_path, monkeypatch, capsys):
+    """Bytes flipped inside last.ckpt (step 2): the rerun says so in one line, resumes from previous.ckpt (step 1)
+    and logs the uninterrupted run's losses from step 2 on."""
+    fit = _fit_losses(tmp_path, monkeypatch)
+    whole = fit(tmp_path / "whole", 4)
+    run = tmp_path / "damaged"
+    fit(run, 2)
+    last = run / "checkpoints" / "last.ckpt"
+    assert json.loads((run / "checkpoints" / "previous.ckpt.json").read_text())["global_step"] == 1
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # zeroes inside a tensor: torch.load alone would not see it
+    last.write_bytes(bytes(data))
+    capsys.readouterr()
+    losses = fit(run, 4)
+    assert "last.ckpt is damaged" in capsys.readouterr().out
+    assert losses[2:] == pytest.approx(whole[1:], abs=1e-6)  # attempt 1 logged steps 1-2; the resume steps 2-4
+
+
+def test_no_intact_checkpoint_is_one_line(tmp_path):
+    from dparallel.methods.checkpoints import resume_point
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DParallelError, match="no intact checkpoint .* delete"):
+        resume_point(tmp_path)
 
 
 def test_recipes_follow_the_paper(monkeypatch):

@@ -17,6 +17,7 @@ TINY = [
     "tiny.num_hidden_layers=1",
     "tiny.num_attention_heads=2",
     "train.max_steps=2",
+    "train.schedule_steps=16000",
     "train.global_batch_size=4",
     "pretrain.gen_lengths=[32]",
     "pretrain.tasks=[copy]",

@@ -61,6 +61,7 @@ def test_two_process_torchrun_trains_and_saves(name, tmp_path):
             *overrides,
             f"run_dir={tmp_path}",
             "train.max_steps=2",
+            "train.schedule_steps=16000",  # longer than every tiny recipe's warm-up: the same first-step lrs
             "train.global_batch_size=4",
             "train.log_every=1",
         ],

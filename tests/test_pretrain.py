@@ -51,6 +51,7 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     args = [
         f"run_dir={tmp_path}",
         "train.max_steps=3",
+        "train.schedule_steps=16000",  # the recipe's warm-up (300) outlasts 3 steps: the lr is its first steps'
         "train.global_batch_size=4",
         "train.log_every=1",
         "pretrain.gen_lengths=[32]",
@@ -71,7 +72,9 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
     assert len(out[0].tokens) == 8
 
     # A rerun with a larger budget resumes from last.ckpt instead of starting over.
-    cfg = load_recipe("recipes/tiny/teacher.yaml", args + ["train.num_workers=0", "train.max_steps=4"])
+    cfg = load_recipe(
+        "recipes/tiny/teacher.yaml", args + ["train.num_workers=0", "train.max_steps=4", "train.schedule_steps=16000"]
+    )
     train(cfg)
     resumed = (tmp_path / "logs" / "version_1" / "metrics.csv").read_text().splitlines()[1:]
     assert [r.split(",")[1] for r in resumed] == ["3"]  # only the new step ran
@@ -81,7 +84,14 @@ def test_train_tiny_teacher_pins_loss_and_saves_loadable_model(tmp_path):
 def test_resume_with_a_changed_recipe_is_refused_in_one_line(tmp_path, capsys):
     from conftest import assert_one_line_error, run_cli
 
-    base = ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path}", "train.max_steps=1", *TINY]
+    base = [
+        "train",
+        "recipes/tiny/teacher.yaml",
+        f"run_dir={tmp_path}",
+        "train.max_steps=1",
+        "train.warmup_steps=0",
+        *TINY,
+    ]
     base += ["train.global_batch_size=2", "pretrain.tasks=[copy]", "train.num_workers=0"]
     assert run_cli(base, capsys)[0] in (0, None)
     saved = (tmp_path / "config.yaml").read_text()

@@ -240,18 +240,23 @@ def test_keep_correct_filters(model, tmp_path):
 # ---- errors: one line, exit code 2, nothing overwritten ------------------------------------------------------------
 
 
-def test_truncated_shard_is_a_one_line_error(model, tmp_path, capsys):
+def test_a_damaged_shard_is_named_then_recorded_again(model, tmp_path, capsys):
+    """A truncated shard: `data inspect` names it in one line; a `record` rerun (the manifest still there) finds it,
+    records it again and leaves a folder equal to the one first written; a deleted shard is repaired the same way."""
     out = record(recipe(model, tmp_path))
+    whole = rows(out)
     arrow = next((out / "shard-00001").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes()[:100])
     capsys.readouterr()
     code, _, err = run_cli(["data", "inspect", str(out)], capsys)
     assert_one_line_error(code, err, "shard-00001", "corrupt")
-    (out / T.MANIFEST).unlink()  # a rerun must refuse to resume over the corrupt shard, not re-record it
-    before = arrow.read_bytes()
-    code, _, err = run_cli(["record", "recipes/tiny/record.yaml", *overrides(model, tmp_path)], capsys)
-    assert_one_line_error(code, err, "shard-00001")
-    assert arrow.read_bytes() == before
+    stamp = (out / "shard-00000" / "dataset_info.json").stat().st_mtime_ns
+    code, printed, _ = run_cli(["record", "recipes/tiny/record.yaml", *overrides(model, tmp_path)], capsys)
+    assert code == 0 and "damaged (shard-00001): recording them again" in printed
+    assert rows(out) == whole and (out / "shard-00000" / "dataset_info.json").stat().st_mtime_ns == stamp
+    shutil.rmtree(out / "shard-00002")
+    record(recipe(model, tmp_path))
+    assert rows(out) == whole
 
 
 def test_wrong_schema_version_is_a_one_line_error(tmp_path, capsys):

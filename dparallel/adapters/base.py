@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +42,8 @@ class ModelAdapter:
     def __init__(self, model: PreTrainedModel, tokenizer, ids: SpecialIds, name: str = "", revision: str = ""):
         require(
             ids.mask != ids.pad,
-            f"mask id {ids.mask} equals the pad id: give the tokenizer a distinct pad token (or set model.pad_id)",
+            f"mask id {ids.mask} equals the pad id: give the tokenizer a distinct pad token (or set ids.pad in the "
+            "folder's dparallel.json)",
         )
         self.model, self.tokenizer, self.ids = model, tokenizer, ids
         self.name, self.revision = name, revision
@@ -121,12 +124,16 @@ class ModelAdapter:
         raise DParallelError(f"the {cls.family} family has no sampler layer class: use tiny, llada or dream")
 
     # ---- text ----------------------------------------------------------------------------------------------
-    def encode(self, prompts: list[str], chat_template: bool = False) -> list[list[int]]:
-        """Token ids of each prompt, through the tokenizer's chat template when asked."""
+    def encode(self, prompts: list[str], chat_template: bool = False, lenient: bool = False) -> list[list[int]]:
+        """Token ids of each prompt, through the tokenizer's chat template when asked. A character the tokenizer
+        cannot represent (dropped, or read as its unknown token) is an error naming it; ``lenient`` makes it a
+        warning."""
+        for p in prompts:
+            self._check_vocabulary(p, lenient)
         if chat_template:
             require(
                 getattr(self.tokenizer, "chat_template", None) is not None,
-                f"the tokenizer of {self.name!r} has no chat template: set data.chat_template=false",
+                f"the tokenizer of {self.name!r} has no chat template: set record.source.chat_template=false",
             )
             return [
                 self.tokenizer.apply_chat_template(
@@ -135,6 +142,26 @@ class ModelAdapter:
                 for p in prompts
             ]
         return [self.tokenizer(p).input_ids for p in prompts]
+
+    def _check_vocabulary(self, prompt: str, lenient: bool) -> None:
+        """Characters of ``prompt`` that do not come back from encode -> decode: dropped by the tokenizer, or read as
+        its (special, so skipped) unknown token. Whitespace is left to the tokenizer's normalisation."""
+        ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
+        back = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        lost = Counter(c for c in prompt if not c.isspace()) - Counter(back)
+        bad = sorted(lost)
+        if not bad:
+            return
+        message = f"the tokenizer of {self.name!r} cannot represent {''.join(bad)!r} in the prompt {prompt[:40]!r}"
+        if lenient:
+            warnings.warn(f"{message}: dropped (--lenient)", stacklevel=3)
+            return
+        raise DParallelError(f"{message}: remove those characters, or pass --lenient to drop them with a warning")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest prompt + canvas the model's position embeddings cover (None: not bounded by its config)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     def answer_length(self, tokens: list[int]) -> int:
         """Answer tokens up to and including the first EOS/EoT (the whole canvas if there is none)."""

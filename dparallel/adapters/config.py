@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dparallel.core.fields import ranged
+
 
 @dataclass
 class ModelConfig:
@@ -23,9 +25,9 @@ class ModelConfig:
 class TinyModelConfig:
     """Shape of a fresh tiny model (a stock LlamaConfig) when training one from scratch."""
 
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 1024
-    rope_theta: float = 10000.0
+    hidden_size: int = ranged(256, 1)
+    intermediate_size: int = ranged(512, 1)
+    num_hidden_layers: int = ranged(6, 1)
+    num_attention_heads: int = ranged(4, 1)
+    max_position_embeddings: int = ranged(1024, 1)
+    rope_theta: float = ranged(10000.0, 0, above=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoTokenizer,
 )
@@ -47,6 +48,10 @@ def load_adapter(
     except OSError as e:
         first = first_line(e)
         raise DParallelError(f"cannot load model {path!r}: {first}") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:  # truncated or corrupt weights, mismatched shapes
+        raise DParallelError(
+            f"cannot read the weights of {path!r} ({first_line(e)}): re-download or re-export it"
+        ) from None
     model = model.to(device).eval()
     ids = cls.default_ids(tokenizer)
     overrides = manifest.get("ids", {})

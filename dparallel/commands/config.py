@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dparallel.core.fields import ranged
 from dparallel.data.config import SuiteConfig
 from dparallel.engine.config import DecodeConfig
 
@@ -28,10 +29,10 @@ class DecoderSpec(DecodeConfig):
 class EvalConfig:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     decoders: list[DecoderSpec] = field(default_factory=lambda: [DecoderSpec()])
-    batch_size: int = 64
+    batch_size: int = ranged(64, 1)
     reference: str = "sequential"
     """the decoder whose accuracy - margin is the frontier's target"""
-    margin: float = 0.01
+    margin: float = ranged(0.01, 0)
     """target = reference accuracy - margin"""
     plot: bool = True
     after_train: bool = False
@@ -40,13 +41,13 @@ class EvalConfig:
 
 @dataclass
 class QuickstartConfig:
-    record_per_task: int = 60
+    record_per_task: int = ranged(60, 1)
     """train-split prompts per task recorded from the teacher"""
     record_rule: str = "confidence"
     """the teacher's decoder while recording (sequential is ~20x slower on CPU)"""
-    distill_steps: int = 30
+    distill_steps: int = ranged(30, 1)
     """certainty-forcing steps (a demonstration on CPU; the tiny recipe runs 300)"""
-    distill_batch: int = 8
+    distill_batch: int = ranged(8, 1)
     """global batch of the quickstart's distillation"""
     student_decoders: list[str] = field(default_factory=lambda: ["entropy:0.5", "entropy:1.0", "confidence:0.9"])
 
@@ -58,25 +59,25 @@ class BenchConfig:
     batches: list[int] = field(default_factory=lambda: [1, 8, 32])
     # none | prefix | dual, and MODE-static (StaticCache) or MODE-graph (StaticCache + CUDA graph replay)
     caches: list[str] = field(default_factory=lambda: ["dual", "prefix", "none"])
-    context: int = 1024
+    context: int = ranged(1024, 1)
     """prompt tokens before the block"""
-    block_length: int = 32
-    steps: int = 8
+    block_length: int = ranged(32, 1)
+    steps: int = ranged(8, 1)
     """forwards per block for both loops (topk schedule): equal NFE, TPF = block_length / steps"""
-    reps: int = 10
+    reps: int = ranged(10, 1)
     """timed repetitions of one forward"""
-    copy_mib: int = 1024
+    copy_mib: int = ranged(1024, 1)
     """buffer for the bandwidth measurement"""
     train_step: bool = False
     """also time one LoRA certainty-forcing step (bf16 autocast on GPU) of train_recipe"""
     train_recipe: str = "recipes/llada-8b/distill.yaml"
     """its lora and distill sections define the step"""
-    train_batch: int = 1
+    train_batch: int = ranged(1, 1)
     """sequences per timed training step (the llada-8b recipe's micro batch)"""
-    train_prompt: int = 224
+    train_prompt: int = ranged(224, 1)
     """prompt tokens of each training sequence (+ gen 256: the paper's GSM8K shape)"""
-    train_gen: int = 256
-    peak_tflops: float = 989.0
+    train_gen: int = ranged(256, 1)
+    peak_tflops: float = ranged(989.0, 0, above=True)
     """the device's dense bf16 peak for MFU (H100/H200 SXM: 989)"""
 
 

@@ -12,8 +12,9 @@ from dparallel.engine.config import DecodeConfig
 from dparallel.engine.pipeline import load
 
 
-def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False) -> list:
-    """Decode prompts with the recipe's decode section; print text (or JSON lines with stats)."""
+def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False, lenient: bool = False) -> list:
+    """Decode prompts with the recipe's decode section; print text (or JSON lines with stats). Options left at
+    their defaults do not override the model folder's own decoding defaults (its dparallel.json ``decoding``)."""
     require(len(prompts) > 0, "no prompt given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
     DecodeConfig(**OmegaConf.to_container(cfg.decode)).validate()  # fail before loading any weights
     gen = load(
@@ -23,7 +24,9 @@ def generate(cfg: DictConfig, prompts: list[str], as_json: bool = False) -> list
         dtype=weights_dtype(cfg.model.dtype, cfg.model.device),
         revision=cfg.model.revision,
     )
-    outs = gen.generate(prompts, **OmegaConf.to_container(cfg.decode))
+    default = DecodeConfig()
+    decode = {k: v for k, v in OmegaConf.to_container(cfg.decode).items() if v != getattr(default, k)}
+    outs = gen.generate(prompts, lenient=lenient, **decode)
     for o in outs:
         if as_json:
             print(json.dumps({"prompt": o.prompt, "text": o.text, "stats": o.stats.to_dict()}))

@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from dparallel.core import registry
 from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.fields import check_ranges
 
 COMMON = (("name", str, "recipe"), ("run_dir", str, "runs/${name}"), ("method", str, ""))
 COMMON_HELP = {
@@ -105,6 +106,9 @@ def load_recipe(path: str | None, overrides: list[str] = (), command: str | None
         OmegaConf.resolve(cfg)
     except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
         raise DParallelError(_describe(e, schema)) from None
+    for section in cfg:
+        if section in registry.SECTIONS:
+            check_ranges(registry.resolve(registry.SECTIONS[section]), cfg[section], f"{section}.")
     return cfg
 
 

@@ -18,7 +18,8 @@ def train(cfg: DictConfig) -> Path:
     """Fit the recipe's method; resume from RUN_DIR/checkpoints/last.ckpt when present; save RUN_DIR/model."""
     import lightning as L
 
-    from dparallel.methods.base import build_trainer, check_resume, micro_batch, resume_point
+    from dparallel.methods.base import build_trainer, check_resume, micro_batch
+    from dparallel.methods.checkpoints import resume_point
 
     method = registry.method(cfg.method)
     run_dir = open_run_dir(cfg)

@@ -56,6 +56,8 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp creates 0700; a written folder should read like any other
     try:
         yield tmp
+        for path in tmp.rglob("*"):  # some writers (safetensors through transformers) create 0600 files
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib
 from pathlib import Path
 
 from dparallel.core.errors import require
@@ -11,6 +11,6 @@ from dparallel.core.errors import require
 
 def recipes_dir() -> Path:
     """The folder holding ``tiny/``, ``llada-8b/`` ... recipes."""
-    folder = Path(str(resources.files("dparallel.recipes")))
+    folder = Path(importlib.import_module("dparallel.recipes").__file__).parent
     require(folder.is_dir(), f"no recipes at {folder}: reinstall dparallel (its recipes ship as package data)")
     return folder

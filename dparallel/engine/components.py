@@ -88,6 +88,7 @@ def save_component(
 
 def load_weights(folder: str | Path, kind: str, module: torch.nn.Module, manifest: dict) -> torch.nn.Module:
     """Load ``<kind>.safetensors`` of a component folder into ``module`` (built from the manifest's shape)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -96,7 +97,7 @@ def load_weights(folder: str | Path, kind: str, module: torch.nn.Module, manifes
     require(file.is_file(), f"{file} is missing: re-export the {kind} component")
     try:
         module.load_state_dict(load_file(str(file)))
-    except RuntimeError as e:
+    except (RuntimeError, SafetensorError) as e:
         raise DParallelError(f"{file} does not match its dparallel.json ({first_line(e)})") from None
     return module.eval()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dparallel.core.errors import require
+from dparallel.core.fields import ranged
 
 TOPK_TIES = ("reference", "lowest_index")
 
@@ -24,21 +25,21 @@ class DecodeConfig:
 
     rule: str = "topk"
     """topk | confidence | entropy | factor (| filter with a loaded filter component)"""
-    gen_length: int = 32
+    gen_length: int = ranged(32, 1)
     """canvas length (answer tokens) per prompt; 32 fits every answer of the embedded suite"""
-    block_length: int = 32
+    block_length: int = ranged(32, 1)
     """semi-AR block; gen_length must be a multiple of it"""
-    steps: int | None = None
+    steps: int | None = ranged(None, 1)
     """topk: total steps over the canvas (default gen_length: one token per step)"""
-    temperature: float = 0.0
+    temperature: float = ranged(0.0, 0)
     """Gumbel-max sampling temperature (0 = argmax)"""
     remasking: str = "low_confidence"
     """low_confidence | random (topk ordering score)"""
-    cfg_scale: float = 0.0
+    cfg_scale: float = ranged(0.0, 0)
     """classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`"""
-    threshold: float = 0.9
+    threshold: float = ranged(0.9, 0, above=True)
     """confidence: probability >= tau; entropy: nats < threshold"""
-    factor: float = 1.0
+    factor: float = ranged(1.0, 0, above=True)
     """factor rule's f"""
     factor_mode: str = "paper"
     """paper: the longest prefix with (n+1)(1-c_n) <= f | fast_dllm: Fast-dLLM's code"""
@@ -52,17 +53,17 @@ class DecodeConfig:
     """seed of the sampling generator (temperature > 0 or remasking=random)"""
     cache: str = "none"
     """none (exact) | prefix | dual (Fast-dLLM's approximate caches) | block (exact, block models)"""
-    cache_refresh: int = 0
+    cache_refresh: int = ranged(0, 0)
     """with a cache: also refresh every N steps inside a block (0 = at block start only)"""
     static_cache: bool = False
     """prefix/dual: keys/values in a preallocated StaticCache (fixed shapes, graph-ready)"""
     cuda_graph: bool = False
     """with static_cache on a GPU: replay each cached step from a captured CUDA graph"""
-    sync_every: int = 1
+    sync_every: int = ranged(1, 1)
     """threshold rules: look on the host whether a block is done every N steps (1 = each step)"""
     eot_stop: str = "none"
     """EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)"""
-    k: int = 1
+    k: int = ranged(1, 1)
     """marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)"""
 
     def validate(self) -> None:

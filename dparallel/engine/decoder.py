@@ -193,6 +193,12 @@ class Decoder:
         """
         cfg, mask_id = self.config, self.adapter.ids.mask
         device = self.adapter.device
+        longest, limit = max(map(len, prompts), default=0), self.adapter.max_positions
+        require(
+            limit is None or longest + cfg.gen_length <= limit,
+            f"a prompt of {longest} tokens + gen_length {cfg.gen_length} = {longest + cfg.gen_length} positions "
+            f"exceed the model's max_position_embeddings {limit}: shorten the prompt or lower decode.gen_length",
+        )
         canvas = build_canvas(prompts, cfg.gen_length, mask_id, self.adapter.ids.pad, device)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         prompt_positions = canvas.x != mask_id  # LLaDA masks prompt *and* padding for the CFG pass

@@ -45,11 +45,18 @@ class Pipeline:
         return DecodeConfig(**{**self.defaults, **overrides})
 
     def generate(
-        self, prompts: list[str] | str, *, chat_template: bool = False, batch_size: int = 32, **decode
+        self,
+        prompts: list[str] | str,
+        *,
+        chat_template: bool = False,
+        batch_size: int = 32,
+        lenient: bool = False,
+        **decode,
     ) -> list[Generation]:
-        """Decode each prompt; ``decode`` takes any :class:`DecodeConfig` field (rule, threshold, gen_length ...)."""
+        """Decode each prompt; ``decode`` takes any :class:`DecodeConfig` field (rule, threshold, gen_length ...).
+        A prompt character the tokenizer cannot represent is an error (``lenient``: a warning, and dropped)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        ids = self.adapter.encode(prompts, chat_template)
+        ids = self.adapter.encode(prompts, chat_template, lenient)
         return self.generate_ids(prompts, ids, batch_size=batch_size, **decode)
 
     def generate_ids(

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from dparallel.adapters.base import ModelAdapter
 from dparallel.core.errors import DParallelError, require
+from dparallel.methods.checkpoints import VerifiedCheckpointIO
 
 
 class DParallelModule(L.LightningModule):
@@ -119,6 +120,11 @@ def micro_batch(cfg: DictConfig) -> tuple[int, int]:
     local, nodes = world_size()
     world = local * nodes
     t = cfg.train
+    total = t.schedule_steps or t.max_steps
+    require(
+        t.warmup_steps <= total,
+        f"train.warmup_steps={t.warmup_steps} is longer than the schedule ({total} steps): shorten the warm-up",
+    )
     micro = t.micro_batch_size or max(1, t.global_batch_size // world)
     require(
         t.global_batch_size % (micro * world) == 0,
@@ -165,6 +171,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         log_every_n_steps=t.log_every,
         logger=loggers,
         callbacks=[ckpt, *(extra_callbacks or [])],
+        plugins=[VerifiedCheckpointIO()],
         enable_model_summary=False,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
@@ -217,16 +224,3 @@ def check_resume(run_dir: Path, cfg: DictConfig, ckpt: str, module: torch.nn.Mod
             f"cannot resume {ckpt}: the recipe changed {', '.join(keys) or 'the model'} since the run started "
             f"({len(differ)} tensors differ, e.g. {differ[0]}): {fix}"
         )
-
-
-def resume_point(run_dir: Path) -> tuple[str | None, int]:
-    """(RUN_DIR/checkpoints/last.ckpt, its global step) when a killed run left one, so ``train`` resumes instead of
-    restarting; (None, 0) otherwise. The checkpoint is read once (memory-mapped); a corrupt one is a clear error."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return None, 0
-    try:
-        step = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"]
-    except Exception:
-        raise DParallelError(f"checkpoint {last} is corrupt: delete it to restart from the previous one") from None
-    return str(last), int(step)
