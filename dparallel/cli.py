@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lenient", action="store_true", help="drop prompt characters the tokenizer lacks (warn)")
         if name == "sweep":
             p.add_argument("--local", action="store_true", help="run every grid point here, wandb offline")
+            p.add_argument("--collect", action="store_true", help="the table of the points agents have run")
     return parser
 
 
@@ -179,7 +180,7 @@ def run(argv: list[str]) -> int:
     if ns.command == "generate":
         function(cfg, _prompts(ns), as_json=ns.json, lenient=ns.lenient)
     elif ns.command == "sweep":
-        function(cfg, recipe, overrides, local=ns.local)
+        function(cfg, recipe, overrides, local=ns.local, collect_only=ns.collect)
     else:
         function(cfg)
     return 0

@@ -174,8 +174,21 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
+def point_name(point: dict) -> str:
+    """A sweep point's folder name: its parameters' last key parts and values (``lr=0.001-hidden_size=32``)."""
+    return "-".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items())
+
+
 def open_run_dir(cfg: DictConfig) -> Path:
-    """The recipe's ``run_dir``, created if missing."""
+    """The recipe's ``run_dir``, created if missing. Under a wandb sweep agent (``WANDB_SWEEP_ID``) a recipe with a
+    sweep block trains in RUN_DIR/<point name>, so no two points share a folder (or a checkpoint)."""
+    import os
+
+    params = cfg.get("sweep", {}).get("parameters") or {}
+    if os.environ.get("WANDB_SWEEP_ID") and params:
+        name = point_name({key: OmegaConf.select(cfg, key) for key in params})
+        if Path(cfg.run_dir).name != name:  # once: a second call keeps the point's folder
+            cfg.run_dir = str(Path(cfg.run_dir) / name)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

@@ -15,13 +15,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dparallel.commands.recipe import open_run_dir
+from dparallel.commands.recipe import open_run_dir, point_name
 from dparallel.core.errors import DParallelError, first_line, require
 from dparallel.core.io import atomic_write_json, atomic_write_text
 
 
-def wandb_config(cfg: DictConfig, recipe: str) -> dict:
-    """The wandb sweep configuration of the recipe's sweep block."""
+def wandb_config(cfg: DictConfig, recipe: str, overrides: list[str] = ()) -> dict:
+    """The wandb sweep configuration of the recipe's sweep block. Its command passes the user's overrides, then the
+    point's; each agent run trains in RUN_DIR/<point name> (``open_run_dir`` under ``WANDB_SWEEP_ID``)."""
     s = cfg.sweep
     require(s.method in ("grid", "random", "bayes"), f"sweep.method={s.method!r}: use grid, random or bayes")
     require(s.goal in ("minimize", "maximize"), f"sweep.goal={s.goal!r}: use minimize or maximize")
@@ -31,7 +32,7 @@ def wandb_config(cfg: DictConfig, recipe: str) -> dict:
         "method": s.method,
         "metric": {"name": s.metric, "goal": s.goal},
         "parameters": {k: {"values": list(v)} for k, v in OmegaConf.to_container(s.parameters).items()},
-        "command": ["${env}", "dparallel", "train", recipe, "${args_no_hyphens}"],
+        "command": ["${env}", "dparallel", "train", recipe, *overrides, "${args_no_hyphens}"],
     }
 
 
@@ -65,12 +66,21 @@ def run_local(cfg: DictConfig, recipe: str, overrides: list[str]) -> list[dict]:
 
     os.environ.setdefault("WANDB_MODE", "offline")
     base = Path(cfg.run_dir)
-    results = []
     for i, point in enumerate(grid(cfg)):
-        name = f"{i:02d}-" + "-".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
-        point_overrides = [*overrides, f"run_dir={base / name}", *(f"{k}={v}" for k, v in point.items())]
+        point_overrides = [*overrides, f"run_dir={base / point_name(point)}", *(f"{k}={v}" for k, v in point.items())]
         print(f"sweep point {i + 1}: {point}", flush=True)
         train(load_recipe(recipe, point_overrides))
+    return collect(cfg)
+
+
+def collect(cfg: DictConfig) -> list[dict]:
+    """The table of a finished sweep, read from its point folders (run here or by wandb agents): one row per grid
+    point, best first; sweep.json, sweep.md and sweep.png in RUN_DIR."""
+    base = Path(cfg.run_dir)
+    results = []
+    for point in grid(cfg):
+        name = point_name(point)
+        require((base / name).is_dir(), f"sweep point {name} has no run folder in {base}: run its agent first")
         results.append({"run": name, **point, cfg.sweep.metric: metric_value(base / name, cfg.sweep.metric)})
     results.sort(key=lambda r: r[cfg.sweep.metric], reverse=cfg.sweep.goal == "maximize")
     atomic_write_json(base / "sweep.json", {"metric": cfg.sweep.metric, "goal": cfg.sweep.goal, "runs": results})
@@ -103,17 +113,15 @@ def plot(results: list[dict], metric: str, out: Path) -> None:
     save_figure(fig, out)
 
 
-def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool) -> None:
-    """Write RUN_DIR/sweep.yaml (the wandb sweep); with ``local`` run the grid here and print the table."""
-    from dparallel.commands import sweep as sweeps
-    from dparallel.core.io import atomic_write_text
-
+def sweep(cfg: DictConfig, recipe: str, overrides: list[str], local: bool, collect_only: bool = False) -> None:
+    """Write RUN_DIR/sweep.yaml (the wandb sweep); with ``local`` run the grid here and print the table; with
+    ``collect_only`` print the table of points the agents have run."""
     run_dir = open_run_dir(cfg)
-    config = sweeps.wandb_config(cfg, recipe)
+    config = wandb_config(cfg, recipe, overrides)
     atomic_write_text(run_dir / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-    if local:
-        results = sweeps.run_local(cfg, recipe, overrides)
-        print(sweeps.table(results) + f"\nreport: {run_dir / 'sweep.md'}", flush=True)
+    if local or collect_only:
+        results = run_local(cfg, recipe, overrides) if local else collect(cfg)
+        print(table(results) + f"\nreport: {run_dir / 'sweep.md'}", flush=True)
         return
     import wandb
 

@@ -134,6 +134,40 @@ def micro_batch(cfg: DictConfig) -> tuple[int, int]:
     return micro, t.global_batch_size // (micro * world)
 
 
+def _wandb_login() -> bool:
+    """Whether wandb has credentials: WANDB_API_KEY, or the entry `wandb login` writes to ~/.netrc."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_logger(cfg: DictConfig, run_dir: Path):
+    """Lightning's WandbLogger with the resolved recipe as the run's config, a name from the recipe and its run
+    folder (a sweep point's folder names its parameters), the method as a tag and, under an agent, the sweep as
+    the group. Without a login it logs offline, saying so in one line."""
+    from lightning.pytorch.loggers import WandbLogger
+    from omegaconf import OmegaConf
+
+    if "WANDB_MODE" not in os.environ and not _wandb_login():
+        os.environ["WANDB_MODE"] = "offline"
+        print(f"wandb: no login found, logging offline to {run_dir / 'wandb'} (`wandb sync` uploads it later)")
+    name = cfg.name if run_dir.name == cfg.name else f"{cfg.name}/{run_dir.name}"
+    logger = WandbLogger(
+        project=cfg.train.wandb_project,
+        name=name,
+        save_dir=str(run_dir),
+        group=os.environ.get("WANDB_SWEEP_ID") or cfg.name,
+        tags=[cfg.method],
+    )
+    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return logger
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
     """A Lightning Trainer from the recipe: checkpoints in RUN_DIR/checkpoints (``last.ckpt`` for resume),
     CSV logs in RUN_DIR/logs, wandb when asked."""
@@ -153,9 +187,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     # One version folder per attempt (logs/version_N/metrics.csv): a resumed run keeps the earlier metrics.
     loggers = [CSVLogger(str(run_dir), name="logs")]
     if t.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=t.wandb_project, name=cfg.name, save_dir=str(run_dir)))
+        loggers.append(wandb_logger(cfg, run_dir))
     ckpt = ModelCheckpoint(
         dirpath=str(run_dir / "checkpoints"), save_last=True, every_n_train_steps=t.checkpoint_every, save_top_k=0
     )
