@@ -235,6 +235,31 @@ def test_fit_three_steps_then_export_and_load_the_student_in_a_fresh_process(tmp
     assert json.loads((folder / "dparallel.json").read_text())["component"] == "student"
     decode = {"rule": "entropy", "threshold": 0.5, "gen_length": 16, "block_length": 8}
     assert fresh_process_tokens(folder, ["copy: ab\n"], **decode) == [out[0].tokens]
+    assert (folder / "adapter" / "adapter_config.json").is_file() == lora
+    if lora:  # the peft adapter onto the base, in a process that has only peft, transformers and the folders
+        assert peft_adapter_tokens(tmp_path / "base", folder, "copy: ab\n", decode) == out[0].tokens
+
+
+def peft_adapter_tokens(base, folder, prompt: str, decode: dict) -> list[int]:
+    """PeftModel.from_pretrained(base, FOLDER/adapter), merged and rounded as the exported student was saved
+    (bfloat16), decoded by dparallel's engine in a fresh process."""
+    import subprocess
+    import sys
+
+    code = f"""
+import json, torch
+from peft import PeftModel
+from transformers import AutoTokenizer, LlamaForCausalLM
+from dparallel.adapters.tiny import TinyAdapter
+from dparallel.engine.pipeline import Pipeline
+model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained({str(base)!r}), {str(folder / "adapter")!r})
+model = model.merge_and_unload().to(torch.bfloat16).to(torch.float32).eval()
+tok = AutoTokenizer.from_pretrained({str(folder)!r})
+out = Pipeline(TinyAdapter(model, tok, TinyAdapter.default_ids(tok))).generate([{prompt!r}], **{decode!r})
+print(json.dumps(out[0].tokens))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def _fit_losses(tmp_path, monkeypatch):

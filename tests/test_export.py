@@ -118,3 +118,29 @@ def test_failed_push_is_one_line_and_keeps_the_export(run_dir, tmp_path, monkeyp
     assert exc.value.code == 2 and len(err) == 1
     assert "cannot push to me/tiny: 401 Unauthorized: invalid token" in err[0] and str(tmp_path / "out") in err[0]
     assert (tmp_path / "out" / "dparallel.json").is_file()
+
+
+def test_model_card_parses_with_hub_metadata_and_eval_results(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from dparallel.commands.export import model_card
+
+    manifest = {
+        "name": "llada-dparallel",
+        "component": "student",
+        "family": "llada",
+        "method": "distill",
+        "base_model": {"path": "GSAI-ML/LLaDA-8B-Instruct"},
+        "decoding": {"rule": "entropy", "threshold": 0.5},
+        "eval": {"suite": "suite/test", "results": [
+            {"decoder": "entropy-0.5", "task": "macro", "accuracy": 0.71, "nfe": 9.4},
+            {"decoder": "entropy-0.5", "task": "copy", "accuracy": 1.0, "nfe": 2.0},
+        ]},
+    }  # fmt: skip
+    (tmp_path / "README.md").write_text(model_card(manifest, tmp_path))
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.base_model == "GSAI-ML/LLaDA-8B-Instruct" and card.data.library_name == "dparallel"
+    assert card.data.license == "apache-2.0" and "distill" in card.data.tags
+    [result] = card.data.eval_results  # the macro row only
+    assert result.metric_type == "accuracy" and result.metric_value == 0.71 and "NFE 9.4" in result.metric_name
+    assert "dparallel.load(" in card.text and "PATH_OR_HUB_ID" not in card.text

@@ -15,6 +15,7 @@ from dparallel.core.io import atomic_dir, atomic_write_json
 
 BUILTIN_PREFIX = "builtin:"
 MANIFEST = "dparallel.json"
+ADAPTER_DIR = "adapter"  # a LoRA run's peft adapter inside its model folder
 
 
 def resolve_path(path: str) -> str:
@@ -59,11 +60,14 @@ def save_model_folder(
     decoding: dict | None = None,
 ) -> None:
     """Save weights (safetensors, in ``dtype``), tokenizer and ``dparallel.json`` (with ``decoding`` defaults, if
-    given) to ``out`` atomically: written to a temporary sibling folder, then renamed into place."""
+    given) to ``out`` atomically: written to a temporary sibling folder, then renamed into place. A LoRA model is
+    saved twice: its adapter in peft's own format under ``adapter/`` (``PeftModel.from_pretrained(base, ...)``; a
+    few MB to push instead of the whole model), and merged into a plain model (what ``dparallel.load`` reads)."""
     model = adapter.model
-    if hasattr(model, "merge_and_unload"):  # a peft model: save the merged weights as a plain model
-        model = model.merge_and_unload()
     with atomic_dir(out) as tmp:
+        if hasattr(model, "merge_and_unload"):  # a peft model
+            model.save_pretrained(tmp / ADAPTER_DIR)
+            model = model.merge_and_unload()
         state_dtype = getattr(torch, dtype)
         original = next(model.parameters()).dtype
         model.to(state_dtype).save_pretrained(tmp)
@@ -76,6 +80,7 @@ def save_model_folder(
                 "family": adapter.family,
                 "name": name or (recipe.name if recipe is not None else adapter.name),
                 "ids": adapter.ids.__dict__,
+                "vocab_size": adapter.vocab_size,
                 **({"decoding": decoding} if decoding else {}),
                 "recipe": OmegaConf.to_container(recipe) if recipe is not None else None,
             },

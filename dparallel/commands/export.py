@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dparallel.adapters.folder import MANIFEST
+from dparallel.adapters.folder import ADAPTER_DIR, MANIFEST
 from dparallel.core.errors import DParallelError, first_line, require
 from dparallel.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from dparallel.core.registry import component_of
@@ -54,37 +54,66 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
 
 
 def model_card(manifest: dict, run_dir: Path) -> str:
-    """A README with Hub metadata, what the model is, its eval table and how to load it."""
-    decoding = manifest.get("decoding") or {}
-    table = (run_dir / "eval.md").read_text() if (run_dir / "eval.md").is_file() else "(no eval in this run)\n"
-    settings = ", ".join(f"{k}={v}" for k, v in decoding.items())
-    return f"""---
-library_name: dparallel
-tags: [diffusion-language-model, parallel-decoding, {manifest.get("method") or "base"}]
----
+    """The README: Hub metadata through ``huggingface_hub.ModelCardData`` (base model, license, library, tags, the
+    eval's macro rows as model-index results), what the model is, its eval table and how to load it."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-# {manifest.get("name", run_dir.name)}
+    name = manifest.get("name", run_dir.name)
+    base = (manifest.get("base_model") or {}).get("path") or ""
+    rows = [r for r in ((manifest.get("eval") or {}).get("results") or []) if r.get("task") == "macro"]
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type="dparallel/suite-v2",
+            dataset_name=f"dparallel {(manifest.get('eval') or {}).get('suite', 'suite/test')} (v2)",
+            metric_type="accuracy",
+            metric_value=round(float(r["accuracy"]), 4),
+            metric_name=f"accuracy ({r['decoder']}, NFE {r['nfe']:.1f})",
+        )
+        for r in rows
+    ]
+    data = ModelCardData(
+        base_model=base if base and not base.startswith(("builtin:", "/", ".")) else None,
+        license="apache-2.0",
+        library_name="dparallel",
+        tags=["diffusion-language-model", "parallel-decoding", manifest.get("method") or "base"],
+        model_name=name,
+        eval_results=results or None,
+    )
+    table = (run_dir / "eval.md").read_text() if (run_dir / "eval.md").is_file() else "(no eval in this run)\n"
+    settings = ", ".join(f"{k}={v}" for k, v in (manifest.get("decoding") or {}).items())
+    adapter = (
+        ""
+        if not (run_dir / "model" / ADAPTER_DIR).is_dir()
+        else (
+            f"\nThe LoRA adapter alone is in `{ADAPTER_DIR}/` (peft: `PeftModel.from_pretrained(base, "
+            f'"{ADAPTER_DIR}")` onto `{base}`).\n'
+        )
+    )
+    body = f"""
+# {name}
 
 A `{manifest.get("component")}` for the `{manifest.get("family")}` family, trained by dparallel's
-`{manifest.get("method")}` method from `{manifest.get("base_model", {}).get("path")}`.
-
+`{manifest.get("method")}` method from `{base}`.
+{adapter}
 ## Eval
 
 {table}
 ## Decoding defaults
 
-`{settings}`
+`{settings}` (what `dparallel.load` and `dparallel generate FOLDER` apply unless told otherwise)
 
 ## Load
 
 ```python
 import dparallel
-gen = dparallel.load("PATH_OR_HUB_ID")
+gen = dparallel.load("{name}")  # this folder, or its Hub id once pushed
 print(gen.generate(["your prompt"])[0].text)
 ```
 
 The recipe that produced it is in `dparallel.json` (`recipe`).
 """
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
