@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dparallel.adapters.base import ModelAdapter, SpecialIds, position_ids_from_mask
+from dparallel.adapters.base import ModelAdapter, SpecialIds, cached_forward, layer_states, position_ids_from_mask
 from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks
 from dparallel.core.errors import require
 
@@ -97,14 +97,14 @@ class BlockAdapter(CausalFamily):
         cache = DynamicCache()
         for i, (k, v) in enumerate(layers or []):
             cache.update(k, v, i)  # a fresh cache per call: only finished blocks are ever kept
-        out = self.model(
+        out, cache = cached_forward(
+            self.model,
+            cache,
             input_ids=x[:, start:end],
             attention_mask=mask,
             position_ids=position_ids_from_mask(attn)[:, start:end],
-            past_key_values=cache,
-            use_cache=True,
         )
-        return out.logits, [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return out.logits, layer_states(cache)
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None:

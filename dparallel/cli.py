@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 from dparallel.core.errors import DParallelError, describe_os_error
@@ -208,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = [a for a in argv if a != "--debug"]
     # Lightning's info lines (accelerator summary, cloud-logging tips) drown our own progress output.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # The one warning we cannot fix: Lightning's own code calling a torch API torch has deprecated.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     try:
         code = run(argv)
     except DParallelError as e:

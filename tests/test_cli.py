@@ -116,3 +116,34 @@ def test_generate_prints_answer_and_stats(capsys):
     record = json.loads(out.strip().splitlines()[-1])
     assert record["text"] == "rqponmlkjihgfedcba"
     assert record["stats"]["nfe"] >= 1 and record["stats"]["answer_tokens"] == 19  # 18 letters + EOS
+
+
+def test_a_train_resume_eval_generate_export_chain_prints_no_warning(tmp_path):
+    """Every stage of a normal run, each in its own process as a user runs them: nothing on stderr."""
+    import subprocess
+    import sys
+
+    tiny = [
+        "tiny.hidden_size=16",
+        "tiny.intermediate_size=32",
+        "tiny.num_hidden_layers=1",
+        "tiny.num_attention_heads=2",
+    ]
+    train = ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path / 't'}", "train.warmup_steps=0", *tiny]
+    model = str(tmp_path / "t" / "model")
+    stages = [
+        [*train, "train.max_steps=2"],
+        [*train, "train.max_steps=3"],  # resumes
+        [
+            "eval",
+            "recipes/tiny/eval.yaml",
+            f"model.path={model}",
+            f"run_dir={tmp_path / 'e'}",
+            "eval.suite.n_per_task=2",
+        ],
+        ["generate", model, "--prompt", "copy: ab\n", "cache=dual"],
+        ["export", str(tmp_path / "t")],
+    ]
+    for args in stages:
+        out = subprocess.run([sys.executable, "-m", "dparallel", *args], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stderr == "", (args, out.stderr[-2000:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -208,3 +209,19 @@ def bidirectional_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions restart at 0 on each row's first real token (left padding does not shift RoPE)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def cached_forward(model, cache=None, **inputs):
+    """``model(**inputs, use_cache=True)`` handing it ``cache`` and returning (output, its cache): transformers 5.x
+    renamed ``past_key_values`` to ``cache`` (the old name warns), so the name the model's forward takes is used."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    if cache is not None:
+        inputs[name] = cache
+    out = model(**inputs, use_cache=True)
+    return out, out[name] if name in out else out.past_key_values
+
+
+def layer_states(cache) -> list[tuple]:
+    """Each layer's (keys, values) [B, H, L, D] of a transformers cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]

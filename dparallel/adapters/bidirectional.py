@@ -11,6 +11,8 @@ from transformers import (
 from dparallel.adapters.base import (
     ModelAdapter,
     bidirectional_mask,
+    cached_forward,
+    layer_states,
     position_ids_from_mask,
 )
 
@@ -43,13 +45,10 @@ class BidirectionalAdapter(ModelAdapter):
     def prefill(self, x: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Full forward. Returns logits [B, L, V] (aligned as :meth:`logits`) and each layer's (keys, values)
         [B, H, L, D]."""
-        out = self.model(
-            input_ids=x,
-            attention_mask=bidirectional_mask(attn),
-            position_ids=position_ids_from_mask(attn),
-            use_cache=True,
+        out, cache = cached_forward(
+            self.model, input_ids=x, attention_mask=bidirectional_mask(attn), position_ids=position_ids_from_mask(attn)
         )
-        return self._align(out.logits), [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return self._align(out.logits), layer_states(cache)
 
     def extend(self, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor, layers: list) -> torch.Tensor:
         """Forward ``ids`` [B, W] at ``positions`` against cached (keys, values) per layer; ``key_valid`` [B, Lc + W]
@@ -60,9 +59,7 @@ class BidirectionalAdapter(ModelAdapter):
         for i, (k, v) in enumerate(layers):
             cache.update(k, v, i)  # a fresh cache per call: the query's own keys must not accumulate
         mask = key_valid.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
+        out, _ = cached_forward(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
         return self._align(out.logits)
 
     # ---- the static path: fixed shapes over transformers' StaticCache (CUDA-graph ready) ---------------------
@@ -86,7 +83,5 @@ class BidirectionalAdapter(ModelAdapter):
         for layer in cache.layers if offset is not None else ():  # in place: the offset keeps its static address
             layer.cumulative_length.fill_(offset)
         mask = attn.bool()[:, None, None, :].expand(-1, 1, ids.shape[1], -1)  # [B, 1, W, L]: all valid keys
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
+        out, _ = cached_forward(self.model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
         return self._align(out.logits)

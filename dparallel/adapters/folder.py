@@ -63,6 +63,9 @@ def save_model_folder(
     given) to ``out`` atomically: written to a temporary sibling folder, then renamed into place. A LoRA model is
     saved twice: its adapter in peft's own format under ``adapter/`` (``PeftModel.from_pretrained(base, ...)``; a
     few MB to push instead of the whole model), and merged into a plain model (what ``dparallel.load`` reads)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-shard bar is noise next to our own progress output
     model = adapter.model
     with atomic_dir(out) as tmp:
         if hasattr(model, "merge_and_unload"):  # a peft model

@@ -37,9 +37,10 @@ def train(cfg: DictConfig) -> Path:
         save_recipe(cfg, run_dir)
     trainer = build_trainer(cfg, run_dir)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt)
+    # our own checkpoint, its bytes verified against their checksum: a full (not weights-only) load is safe
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=False)
     # The final state too, so a rerun with a larger train.max_steps continues instead of repeating steps.
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     if cfg.train.wandb:  # close the wandb run: the next train in this process (a sweep point) gets its own
         import wandb
 
