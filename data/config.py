@@ -19,7 +19,7 @@ class SuiteConfig:
     seed: int = 0
 
 
-KINDS = ("auto", "suite", "jsonl", "csv", "parquet", "hf")
+KINDS = ("auto", "suite", "jsonl", "csv", "parquet", "hf", "hub")
 
 
 CHECKERS = ("auto", "none", "exact", "last_number", "suite")
@@ -38,11 +38,13 @@ class RecordSuiteConfig(SuiteConfig):
 @dataclass
 class SourceConfig:
     kind: str = "auto"
-    """auto (from path: .jsonl/.json, .csv, .parquet, a folder = saved HF dataset; none = suite)"""
+    """auto (from path: .jsonl/.json, .csv, .parquet, a folder = saved HF dataset, owner/name = Hub; none = suite)"""
     path: str | None = None
     """the file or folder (kind != suite)"""
     split: str | None = None
-    """hf: the split of a saved DatasetDict (default: train, or its only split)"""
+    """the split of a saved DatasetDict or a Hub dataset (default: train, or its only split)"""
+    revision: str | None = None
+    """a Hub dataset's revision (branch, tag or commit) to pin"""
     prompt_column: str = "prompt"
     answer_column: str | None = "answer"
     """reference answers (optional: used when the column exists)"""

@@ -81,7 +81,9 @@ def record(cfg: DictConfig) -> Path:
     T.write_manifest(out, manifest)
     c = manifest["counts"]
     rate = f", {c['correct']}/{c['checked']} correct" if c["checked"] else ""
-    print(f"recorded {c['records']} trajectories of {c['prompts']} prompts{rate} in {out}", flush=True)
+    dropped = c["prompts"] - c["records"]
+    kept = f" (keep=correct: dropped {dropped} the checker marked wrong)" if rc.keep == "correct" else ""
+    print(f"recorded {c['records']} trajectories of {c['prompts']} prompts{rate}{kept} in {out}", flush=True)
     return out
 
 

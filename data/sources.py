@@ -1,16 +1,16 @@
 """Prompt sources (custom data) and answer checkers for recording.
 
-A source is a jsonl/json, csv or parquet file, a folder written by ``datasets``' ``save_to_disk``, or the built-in
-synthetic suite. Columns are mapped by name (``prompt``, optional ``answer`` and ``id``); repeated prompts are
-dropped by hash. A checker marks each teacher output correct or not, so wrong ones can be filtered out.
+A source is a jsonl/json, csv or parquet file, a folder written by ``datasets``' ``save_to_disk``, a Hub dataset
+id (``owner/name``, with ``revision`` and ``split``), or the built-in synthetic suite; ``datasets`` reads them
+all. Columns are mapped by name (``prompt``, optional ``answer`` and ``id``); repeated prompts are dropped by hash.
+A checker marks each teacher output correct or not, so wrong ones can be filtered out.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib
-import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +39,8 @@ def resolve_kind(src) -> str:
     path = Path(src.path)
     if path.is_dir():
         return "hf"
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", src.path) and not path.suffix:
+        return "hub"  # owner/name, not a local path
     suffix = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
     require(
         suffix is not None,
@@ -67,8 +69,8 @@ def load_items(src, dedup: bool = True) -> list[Item]:
     else:
         require(src.path is not None, f"record.source.kind={kind} needs record.source.path")
         path = Path(src.path)
-        require(path.exists(), f"prompt source {path} not found: check record.source.path")
-        rows, columns = _read_rows(path, kind, src.split)
+        require(kind == "hub" or path.exists(), f"prompt source {path} not found: check record.source.path")
+        rows, columns = _read_rows(path, kind, src.split, src.revision)
         items = _map_columns(path, rows, columns, src)
     if dedup:
         seen, unique = set(), []
@@ -85,49 +87,42 @@ def load_items(src, dedup: bool = True) -> list[Item]:
     return items
 
 
-def _read_rows(path: Path, kind: str, split: str | None) -> tuple[list[dict], list[str] | None]:
-    """Rows as dicts, plus the column names when the format has a header (None: check row by row)."""
-    if kind == "jsonl":
-        text = path.read_text()
-        if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-            require(all(isinstance(r, dict) for r in rows), f"{path} must hold a list of JSON objects")
-            return rows, None
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DParallelError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            require(isinstance(row, dict), f"{path}:{n} is not a JSON object")
-            rows.append(row)
-        return rows, None
-    if kind == "csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            return list(reader), list(reader.fieldnames or [])
-    if kind == "parquet":
-        import pyarrow.parquet as pq
+_BUILDERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet"}  # kind -> datasets' packaged builder
 
-        try:
-            table = pq.read_table(path)
-        except Exception as e:
-            raise DParallelError(f"{path} cannot be read as parquet ({first_line(e)})") from None
-        return table.to_pylist(), table.column_names
-    from datasets import DatasetDict, load_from_disk
 
+def _read_rows(path: Path, kind: str, split: str | None, revision: str | None = None) -> tuple[list[dict], list[str]]:
+    """Rows as dicts and the column names, through ``datasets``: ``load_dataset`` for files (json/jsonl, csv,
+    parquet) and Hub ids (with ``revision``/``split``), ``load_from_disk`` for a saved folder."""
+    import datasets
+    from datasets import DatasetDict
+
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
     try:
-        ds = load_from_disk(str(path))
-    except Exception as e:
-        raise DParallelError(f"{path} is not a saved Hugging Face dataset ({first_line(e)})") from None
+        if kind == "hf":
+            ds = datasets.load_from_disk(str(path))
+        elif kind == "hub":
+            ds = datasets.load_dataset(str(path), revision=revision)
+        else:
+            ds = datasets.load_dataset(_BUILDERS[kind], data_files=str(path))
+    except Exception as e:  # a malformed file, a foreign folder, an unknown or unreachable Hub id: one line
+        raise DParallelError(_unreadable(path, kind, e)) from None
+    finally:
+        if not quiet:
+            datasets.utils.enable_progress_bars()
     if isinstance(ds, DatasetDict):
         names = list(ds)
         pick = split or ("train" if "train" in ds else names[0] if len(names) == 1 else None)
         require(pick in ds, f"{path} has splits {', '.join(names)}: set record.source.split")
         ds = ds[pick]
     return ds.to_list(), ds.column_names
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> str:
+    if kind == "hub" and os.environ.get("HF_HUB_OFFLINE") == "1":
+        return f"cannot load the Hub dataset {path} with HF_HUB_OFFLINE=1: unset it, or save the dataset locally"
+    what = {"hf": "a saved Hugging Face dataset", "hub": "a Hub dataset"}.get(kind, f"a {kind} file")
+    return f"{path} cannot be read as {what} ({first_line(error)})"
 
 
 def _map_columns(path: Path, rows: list[dict], columns: list[str] | None, src) -> list[Item]:
@@ -144,7 +139,7 @@ def _map_columns(path: Path, rows: list[dict], columns: list[str] | None, src) -
             need(src.id_column, str(path), columns)
     items = []
     for n, row in enumerate(rows):
-        where = f"{path}:{n + 1}" if columns is None else str(path)
+        where = f"{path}:{n + 1}"
         need(src.prompt_column, where, list(row))
         if src.id_column:
             need(src.id_column, where, list(row))

@@ -223,7 +223,7 @@ def test_sources_agree_dedup_and_checkers(tmp_path):
     assert build_checker("auto", src, items) is None
 
 
-def test_keep_correct_filters(model, tmp_path):
+def test_keep_correct_filters(model, tmp_path, capsys):
     mod = tmp_path / "check_mod.py"
     mod.write_text("def odd(prompt, output, answer):\n    return len(prompt) % 2 == 1\n")
     sys.path.insert(0, str(tmp_path))
@@ -235,6 +235,8 @@ def test_keep_correct_filters(model, tmp_path):
     counts = T.read_manifest(out)["counts"]
     assert counts["records"] == len(records) == counts["correct"] < counts["prompts"]
     assert all(r["meta"]["correct"] and len(r["meta"]["prompt"]) % 2 == 1 for r in records)
+    dropped = counts["prompts"] - counts["records"]
+    assert f"dropped {dropped} the checker marked wrong" in capsys.readouterr().out
 
 
 # ---- errors: one line, exit code 2, nothing overwritten ------------------------------------------------------------
@@ -274,6 +276,14 @@ def test_missing_column_in_jsonl_is_a_one_line_error(model, tmp_path, capsys):
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, str(src), "'prompt'")
     assert not (tmp_path / "run" / "trajectories").exists()
+
+
+def test_a_hub_dataset_id_offline_is_one_line(model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    args = ["record", "recipes/tiny/record.yaml", *overrides(model, tmp_path), "record.source.path=openai/gsm8k"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "openai/gsm8k", "HF_HUB_OFFLINE=1")
 
 
 def test_cli_record_and_inspect(model, tmp_path, capsys):
