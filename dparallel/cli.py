@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--prompts-file", help="a text file, one prompt per line")
             p.add_argument("--json", action="store_true", help="print one JSON object per answer, with stats")
             p.add_argument("--lenient", action="store_true", help="drop prompt characters the tokenizer lacks (warn)")
+            p.add_argument("--show", action="store_true", help="render the canvas step by step as it is decoded")
         if name == "sweep":
             p.add_argument("--local", action="store_true", help="run every grid point here, wandb offline")
             p.add_argument("--collect", action="store_true", help="the table of the points agents have run")
@@ -179,7 +180,7 @@ def run(argv: list[str]) -> int:
     cfg = load_recipe(recipe, overrides, command=ns.command)
     function = resolve(COMMANDS[ns.command].run)
     if ns.command == "generate":
-        function(cfg, _prompts(ns), as_json=ns.json, lenient=ns.lenient)
+        function(cfg, _prompts(ns), as_json=ns.json, lenient=ns.lenient, show_steps=ns.show)
     elif ns.command == "sweep":
         function(cfg, recipe, overrides, local=ns.local, collect_only=ns.collect)
     else:

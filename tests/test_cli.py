@@ -147,3 +147,17 @@ def test_a_train_resume_eval_generate_export_chain_prints_no_warning(tmp_path):
     for args in stages:
         out = subprocess.run([sys.executable, "-m", "dparallel", *args], capture_output=True, text=True)
         assert out.returncode == 0 and out.stderr == "", (args, out.stderr[-2000:])
+
+
+def test_show_renders_the_decode_step_by_step(capsys):
+    import dparallel
+    from dparallel.commands.generate import frames
+
+    gen = dparallel.load(TEACHER, device="cpu")
+    [out] = gen.generate(["reverse: abcdefghijklmnopqr\n"], rule="topk", gen_length=32, block_length=32)
+    shown = [plain for plain, _ in frames(out, gen.adapter)]
+    assert len(shown) == 33 and shown[0] == "·" * 32  # all masked, then one commit per topk step
+    assert shown[-1] == "rqponmlkjihgfedcba" + "∅" * 14
+    assert all(sum(a != b for a, b in zip(x, y)) == 1 for x, y in zip(shown, shown[1:]))
+    code, printed, _ = run_cli(["generate", "--prompt", "reverse: abcdefghijklmnopqr\n", "--show"], capsys)
+    assert code == 0 and printed.count("step ") == 33 and "rqponmlkjihgfedcba" in printed
