@@ -182,7 +182,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     strategy = t.strategy
     if strategy == "auto" and local * nodes > 1:
         strategy = "ddp"
-    if strategy.startswith("deepspeed"):
+    if strategy.startswith(("deepspeed", "fsdp")):  # Lightning refuses both on the CPU accelerator
         require(cuda, f"train.strategy={strategy} needs a GPU: use ddp (or auto) on CPU")
     # One version folder per attempt (logs/version_N/metrics.csv): a resumed run keeps the earlier metrics.
     loggers = [CSVLogger(str(run_dir), name="logs")]
