@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig
 
 from dparallel.adapters.base import ModelAdapter
@@ -168,6 +169,28 @@ def wandb_logger(cfg: DictConfig, run_dir: Path):
     return logger
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the whole run in optimizer steps of ``train.max_steps`` (a resumed run starts at its step), with
+    the logged metrics and no ``v_num``: the runs are step-based, Lightning's default bar counts epochs."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.update(trainer.global_step)
+        self.train_progress_bar.set_description(f"train {trainer.lightning_module.cfg.method}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and self._should_update(trainer.global_step, bar.total):
+            bar.update(trainer.global_step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
     """A Lightning Trainer from the recipe: checkpoints in RUN_DIR/checkpoints (``last.ckpt`` for resume),
     CSV logs in RUN_DIR/logs, wandb when asked."""
@@ -202,7 +225,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         gradient_clip_val=t.grad_clip if not strategy.startswith("fsdp") else None,
         log_every_n_steps=t.log_every,
         logger=loggers,
-        callbacks=[ckpt, *(extra_callbacks or [])],
+        callbacks=[ckpt, StepProgressBar(), *(extra_callbacks or [])],
         plugins=[VerifiedCheckpointIO()],
         enable_model_summary=False,
         default_root_dir=str(run_dir),
