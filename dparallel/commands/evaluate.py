@@ -84,18 +84,16 @@ def evaluate(
             generators[model] = load_model(model)
         gen_model = generators[model]
         ids.setdefault(model, gen_model.adapter.encode(prompts))
-        start = time.perf_counter()
-        replay = _oracle(outputs, reference) if spec.get("rule") == "oracle" else None
-        gens = gen_model.generate_ids(
-            prompts, ids[model], batch_size=eval_cfg.batch_size, rule_for_batch=replay, **spec
+        gens, walls = _decode_by_task(
+            gen_model, examples, prompts, ids[model], spec, eval_cfg.batch_size, outputs, reference
         )
-        wall = time.perf_counter() - start
+        wall = sum(walls.values())
         outputs[name] = gens
         gen_length = gen_model.decode_config(**spec).gen_length
         if gen_length not in warned:  # once per canvas, not once per decoder
             warn_truncated(examples, answer_len, gen_length)
             warned.add(gen_length)
-        rows += _decoder_rows(name, examples, gens, answer_len, gen_length, wall)
+        rows += _decoder_rows(name, examples, gens, answer_len, gen_length, walls)
         if progress:
             macro = rows[-1]
             print(
@@ -104,6 +102,24 @@ def evaluate(
                 flush=True,
             )
     return rows
+
+
+def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs, reference):
+    """Decode each task's prompts on their own (batches never mix tasks, so each task's wall time is its own; a
+    row's tokens do not depend on its batch). Returns the generations in prompt order and {task: seconds}."""
+    gens: list = [None] * len(prompts)
+    walls = {}
+    for task in dict.fromkeys(e.task for e in examples):
+        idx = [i for i, e in enumerate(examples) if e.task == task]
+        replay = _oracle(outputs, reference, idx) if spec.get("rule") == "oracle" else None
+        start = time.perf_counter()
+        part = gen_model.generate_ids(
+            [prompts[i] for i in idx], [ids[i] for i in idx], batch_size=batch_size, rule_for_batch=replay, **spec
+        )
+        walls[task] = time.perf_counter() - start
+        for i, g in zip(idx, part):
+            gens[i] = g
+    return gens, walls
 
 
 def warn_truncated(examples: list, answer_len: list[int], gen_length: int) -> None:
@@ -122,7 +138,7 @@ def warn_truncated(examples: list, answer_len: list[int], gen_length: int) -> No
 
 
 def _decoder_rows(
-    name: str, examples: list, gens: list[Generation], answer_len: list[int], gen_length: int, wall: float
+    name: str, examples: list, gens: list[Generation], answer_len: list[int], gen_length: int, walls: dict[str, float]
 ) -> list[dict]:
     """One decoder's rows: per task, per task family, then macro (last). ``fill`` = mean reference-answer tokens
     / gen_length: how much of the canvas the task's answers take."""
@@ -132,14 +148,13 @@ def _decoder_rows(
         picks[task] = [gens[i] for i in idx]
         correct = [is_correct(task, examples[i].prompt, gens[i].text) for i in idx]
         fill = sum(min(answer_len[i], gen_length) for i in idx) / len(idx) / gen_length
-        share = wall * len(idx) / len(gens)  # the batch's wall time split by rows
-        per_task.append(_row(name, task, picks[task], correct, share, fill))
+        per_task.append(_row(name, task, picks[task], correct, walls[task], fill))
     families = []
     for family in dict.fromkeys(r["family"] for r in per_task):
         members = [r for r in per_task if r["family"] == family]
         fam_gens = [g for r in members for g in picks[r["task"]]]
         families.append(_mean_row(name, family, family, members, fam_gens, sum(r["wall_s"] for r in members)))
-    out = per_task + families + [_mean_row(name, "macro", "all", per_task, gens, wall)]
+    out = per_task + families + [_mean_row(name, "macro", "all", per_task, gens, sum(walls.values()))]
     for r in out:
         r["gen_length"] = gen_length
     return out
@@ -158,7 +173,7 @@ def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
     return points
 
 
-def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
+def _oracle(outputs: dict[str, list[Generation]], reference: str | None, idx: list[int]):
     """Learn2PD's oracle replay of an earlier decoder's outputs in this eval: its NFE is the ceiling a filter
     trained on that decoder's trajectories can reach."""
     from dparallel.engine.oracle import OracleRule
@@ -167,7 +182,7 @@ def _oracle(outputs: dict[str, list[Generation]], reference: str | None):
         reference in outputs,
         f"the oracle decoder replays an earlier decoder: set reference to one of {sorted(outputs) or '(none yet)'}",
     )
-    tokens = torch.tensor([g.tokens for g in outputs[reference]])  # [N, G]
+    tokens = torch.tensor([outputs[reference][i].tokens for i in idx])  # [N, G]: the prompts decoded now
     return lambda start, end: OracleRule(tokens[start:end])
 
 
