@@ -34,6 +34,7 @@ from dparallel.core.errors import require
 from dparallel.engine.rules import Proposal, Rule, StepContext, best_masked, token_statistics
 
 STATISTICS = ("conf", "entropy", "margin")
+TIE = 1e-4  # policy logits closer than this are a tie for the fallback commit (lowest index wins)
 CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
 
 
@@ -196,7 +197,11 @@ class PolicyRule(Rule):
             action = (torch.sigmoid(window) > self.threshold) & eligible
         self.chosen = self.chosen.to(action.device) + action.sum()
         self.eligible = self.eligible.to(action.device) + eligible.sum()
-        forced = best_masked(window, eligible) & ~action.any(dim=1, keepdim=True)
+        # The fallback commit when the policy chose none: its best position, scores within TIE of each other being a
+        # tie broken by the lowest index. A saturated teacher gives many positions the same features up to float
+        # noise (~1e-6 between a row batched and alone), and without the rounding that noise picks the position.
+        tied = torch.round(window / TIE) * TIE
+        forced = best_masked(tied, eligible) & ~action.any(dim=1, keepdim=True)
         if self.rollout is not None:
             self._record(p, feats, masked, time, window, action, eligible)
         return action | forced
