@@ -144,3 +144,17 @@ def test_model_card_parses_with_hub_metadata_and_eval_results(tmp_path):
     [result] = card.data.eval_results  # the macro row only
     assert result.metric_type == "accuracy" and result.metric_value == 0.71 and "NFE 9.4" in result.metric_name
     assert "dparallel.load(" in card.text and "PATH_OR_HUB_ID" not in card.text
+
+
+def test_the_export_decodes_with_the_evaluated_decoder_of_fewest_forwards_at_the_best_accuracy():
+    from dparallel.commands.export import best_decoder
+    from dparallel.commands.recipe import load_recipe
+
+    cfg = load_recipe("recipes/tiny/frontier.yaml")
+    names = [d.name for d in cfg.eval.decoders]
+    report = {"results": [{"decoder": n, "task": "macro", "accuracy": 0.5, "nfe": 20.0} for n in names]}
+    report["results"][names.index("confidence-0.9")].update(accuracy=0.80, nfe=10.0)
+    report["results"][names.index("entropy-0.2")].update(accuracy=0.795, nfe=7.0)  # within 1 point, fewer NFE
+    chosen = best_decoder(cfg, report)
+    assert chosen["rule"] == "entropy" and chosen["threshold"] == 0.2 and "name" not in chosen
+    assert best_decoder(cfg, None) == {}

@@ -9,6 +9,8 @@ from dparallel.core.fields import ranged
 from dparallel.data.config import SuiteConfig
 from dparallel.engine.config import DecodeConfig
 
+SPEC_ONLY = ("name", "reference", "frontier", "kind", "model")  # DecoderSpec keys that are not decoding options
+
 
 @dataclass
 class DecoderSpec(DecodeConfig):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dparallel.commands.config import SPEC_ONLY
 from dparallel.commands.frontier import decoder_kind, frontier_table, wilson_interval
 from dparallel.commands.recipe import open_run_dir
 from dparallel.core.errors import require
@@ -21,7 +22,6 @@ from dparallel.engine.config import DecodeConfig
 from dparallel.engine.pipeline import Generation, Pipeline, load
 
 METRICS = ("accuracy", "nfe", "tpf", "tokens_per_s", "wall_s", "fill")
-SPEC_ONLY = ("name", "reference", "frontier", "kind", "model")  # eval decoder keys that are not decoding options
 
 
 def _row(decoder: str, task: str, gens: list[Generation], correct: list[bool], wall: float, fill: float) -> dict:

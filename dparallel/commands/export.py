@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dparallel.adapters.folder import ADAPTER_DIR, MANIFEST
+from dparallel.commands.config import SPEC_ONLY
 from dparallel.core.errors import DParallelError, first_line, require
 from dparallel.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from dparallel.core.registry import component_of
@@ -41,8 +42,13 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
         component=component_of(cfg.get("method", ""), manifest.get("component", "base")),
         method=cfg.get("method", ""),
         base_model={"path": cfg.model.path, "revision": cfg.model.revision},
-        # a component's own decoding defaults (its rule, its threshold) win over the recipe's decode section
-        decoding={**OmegaConf.to_container(cfg.decode), **(manifest.get("decoding") or {})},
+        # a component's own decoding defaults (its rule, its threshold) win over the recipe's decode section, and
+        # the decoder its eval found best wins over both
+        decoding={
+            **OmegaConf.to_container(cfg.decode),
+            **(manifest.get("decoding") or {}),
+            **best_decoder(cfg, eval_report),
+        },
         eval=eval_report,
         recipe=OmegaConf.to_container(cfg),
     )
@@ -51,6 +57,20 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
         atomic_write_json(tmp / MANIFEST, manifest)
         atomic_write_text(tmp / "README.md", model_card(manifest, run_dir))
     return out
+
+
+def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
+    """The decoding options of the run's evaluated decoder with the fewest forwards among those within ``margin``
+    of the best macro accuracy ({} without an eval): what a user of the export should decode with."""
+    if not report or "eval" not in cfg:
+        return {}
+    macro = {r["decoder"]: r for r in report.get("results", []) if r.get("task") == "macro"}
+    specs = {d.name: OmegaConf.to_container(d) for d in cfg.eval.decoders if d.name in macro and not d.get("model")}
+    if not specs:
+        return {}
+    best = max(macro[name]["accuracy"] for name in specs)
+    pick = min((n for n in specs if macro[n]["accuracy"] >= best - margin), key=lambda n: macro[n]["nfe"])
+    return {k: v for k, v in specs[pick].items() if k not in SPEC_ONLY}
 
 
 def model_card(manifest: dict, run_dir: Path) -> str:
