@@ -73,13 +73,11 @@ def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
     return {k: v for k, v in specs[pick].items() if k not in SPEC_ONLY}
 
 
-def model_card(manifest: dict, run_dir: Path) -> str:
-    """The README: Hub metadata through ``huggingface_hub.ModelCardData`` (base model, license, library, tags, the
-    eval's macro rows as model-index results), what the model is, its eval table and how to load it."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+def card_data(manifest: dict, name: str, base: str):
+    """Hub metadata (``huggingface_hub.ModelCardData``): base model (Hub ids only), license, library, tags, and
+    the eval's macro rows as model-index results."""
+    from huggingface_hub import EvalResult, ModelCardData
 
-    name = manifest.get("name", run_dir.name)
-    base = (manifest.get("base_model") or {}).get("path") or ""
     rows = [r for r in ((manifest.get("eval") or {}).get("results") or []) if r.get("task") == "macro"]
     results = [
         EvalResult(
@@ -92,7 +90,7 @@ def model_card(manifest: dict, run_dir: Path) -> str:
         )
         for r in rows
     ]
-    data = ModelCardData(
+    return ModelCardData(
         base_model=base if base and not base.startswith(("builtin:", "/", ".")) else None,
         license="apache-2.0",
         library_name="dparallel",
@@ -100,6 +98,15 @@ def model_card(manifest: dict, run_dir: Path) -> str:
         model_name=name,
         eval_results=results or None,
     )
+
+
+def model_card(manifest: dict, run_dir: Path) -> str:
+    """The README: Hub metadata (:func:`card_data`), what the model is, its eval table and how to load it."""
+    from huggingface_hub import ModelCard
+
+    name = manifest.get("name", run_dir.name)
+    base = (manifest.get("base_model") or {}).get("path") or ""
+    data = card_data(manifest, name, base)
     table = (run_dir / "eval.md").read_text() if (run_dir / "eval.md").is_file() else "(no eval in this run)\n"
     settings = ", ".join(f"{k}={v}" for k, v in (manifest.get("decoding") or {}).items())
     adapter = (
