@@ -347,9 +347,10 @@ def test_recipes_follow_the_paper(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_gives_the_one_process_loss_curve(tmp_path):
-    """Same global batch, 1 process vs 2 gloo ranks: per-record mask seeds and rank-mean logging make the curves
-    equal (up to float error from the different left padding of each micro batch)."""
+def test_two_process_ddp_and_fsdp_give_the_one_process_loss_curve(tmp_path):
+    """Same global batch, 1 process vs 2 gloo ranks under ddp and under fsdp (FSDP2, parameters sharded): per-record
+    mask seeds and rank-mean logging make the curves equal (up to float error from the different left padding of
+    each micro batch and the sharded reductions); both export the same student."""
     import csv
 
     folder = tmp_path / "student"
@@ -367,12 +368,18 @@ def test_two_process_torchrun_gives_the_one_process_loss_curve(tmp_path):
         "train.warmup_steps=0",
         "train.lr=1e-2",
     ]
-    curves = {}
-    for name, nproc in (("one", 1), ("two", 2)):
-        proc = run_dparallel(["train", *args, f"run_dir={tmp_path / name}"], nproc=nproc)
+    curves, weights = {}, {}
+    for name, nproc in (("one", 1), ("ddp", 2), ("fsdp", 2)):
+        strategy = ["train.strategy=fsdp"] if name == "fsdp" else []
+        proc = run_dparallel(["train", *args, *strategy, f"run_dir={tmp_path / name}"], nproc=nproc)
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows = list(csv.DictReader((tmp_path / name / "logs" / "version_0" / "metrics.csv").open()))
         curves[name] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+        weights[name] = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert len(curves["one"]) == 3
     assert curves["one"][0] != curves["one"][-1]  # it trained
-    assert curves["two"] == pytest.approx(curves["one"], abs=1e-4)
+    assert curves["ddp"] == pytest.approx(curves["one"], abs=1e-4)
+    assert curves["fsdp"] == pytest.approx(curves["ddp"], abs=1e-4)
+    assert weights["fsdp"].keys() == weights["ddp"].keys()  # full, unsharded names: resumable under either
+    for key, value in weights["ddp"].items():
+        torch.testing.assert_close(weights["fsdp"][key], value, atol=1e-4, rtol=1e-3)

@@ -111,16 +111,16 @@ def test_generate_keeps_the_folder_decoding_defaults(tmp_path, capsys):
 
 
 def test_warmup_longer_than_the_run(tmp_path, capsys):
-    code, _, err = (
-        pretrain(tmp_path, 2, capsys)
-        if False
-        else run_cli(
-            ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=5"],
-            capsys,
-        )
-    )
+    args = ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path}", "train.max_steps=2", "train.warmup_steps=5"]
+    code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "train.warmup_steps=5 is longer than the schedule (2 steps)")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_deepspeed_on_the_cpu_names_the_strategies_that_run(tmp_path, capsys):
+    args = ["train", "recipes/tiny/teacher.yaml", f"run_dir={tmp_path}", "train.strategy=deepspeed_stage_2"]
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, "train.strategy=deepspeed_stage_2 needs a GPU", "use ddp or fsdp")
 
 
 def test_written_files_are_world_readable(tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from dparallel.commands.config import SPEC_ONLY
 from dparallel.commands.frontier import decoder_kind, frontier_table, wilson_interval
@@ -75,6 +76,9 @@ def evaluate(
     generators: dict[str | None, Pipeline] = {None: generator}
     ids: dict[str | None, list[list[int]]] = {}
     rows, outputs, warned = [], {}, set()
+    tasks = list(dict.fromkeys(e.task for e in examples))
+    # one step per (decoder, task) on a terminal's stderr (none when piped); the summary lines go through it
+    bar = tqdm(total=len(eval_cfg.decoders) * len(tasks), desc="eval", disable=None if progress else True, leave=False)
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
         name, reference, model = spec["name"], spec.get("reference"), spec.get("model")
@@ -84,8 +88,9 @@ def evaluate(
             generators[model] = load_model(model)
         gen_model = generators[model]
         ids.setdefault(model, gen_model.adapter.encode(prompts))
+        bar.set_postfix_str(name)
         gens, walls = _decode_by_task(
-            gen_model, examples, prompts, ids[model], spec, eval_cfg.batch_size, outputs, reference
+            gen_model, examples, prompts, ids[model], spec, eval_cfg.batch_size, outputs, reference, bar
         )
         wall = sum(walls.values())
         outputs[name] = gens
@@ -96,15 +101,16 @@ def evaluate(
         rows += _decoder_rows(name, examples, gens, answer_len, gen_length, walls)
         if progress:
             macro = rows[-1]
-            print(
+            bar.write(
                 f"  {name:<16} accuracy {macro['accuracy']:.3f}  NFE {macro['nfe']:.1f}  TPF {macro['tpf']:.2f}"
                 f"  {macro['tokens_per_s']:.0f} tok/s  ({wall:.0f}s)",
-                flush=True,
+                file=sys.stdout,
             )
+    bar.close()
     return rows
 
 
-def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs, reference):
+def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs, reference, bar):
     """Decode each task's prompts on their own (batches never mix tasks, so each task's wall time is its own; a
     row's tokens do not depend on its batch). Returns the generations in prompt order and {task: seconds}."""
     gens: list = [None] * len(prompts)
@@ -117,6 +123,7 @@ def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs
             [prompts[i] for i in idx], [ids[i] for i in idx], batch_size=batch_size, rule_for_batch=replay, **spec
         )
         walls[task] = time.perf_counter() - start
+        bar.update(1)
         for i, g in zip(idx, part):
             gens[i] = g
     return gens, walls

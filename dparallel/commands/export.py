@@ -53,10 +53,29 @@ def export_run(run_dir: str | Path, to: str | Path | None = None, overwrite: boo
         recipe=OmegaConf.to_container(cfg),
     )
     with atomic_dir(out) as tmp:
-        shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+        copy_tree(model_dir, tmp)
         atomic_write_json(tmp / MANIFEST, manifest)
         atomic_write_text(tmp / "README.md", model_card(manifest, run_dir))
     return out
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy the files under ``src`` into ``dst`` with a byte progress bar on a terminal's stderr (an 8B model is
+    16 GB)."""
+    from tqdm import tqdm
+
+    files = [f for f in sorted(src.rglob("*")) if f.is_file()]
+    with tqdm(
+        total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="export", leave=False, disable=None
+    ) as bar:
+        for f in files:
+            target = dst / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(f, "rb") as r, open(target, "wb") as w:
+                for chunk in iter(lambda: r.read(1 << 24), b""):
+                    w.write(chunk)
+                    bar.update(len(chunk))
+            shutil.copymode(f, target)
 
 
 def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:

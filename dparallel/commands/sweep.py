@@ -85,7 +85,7 @@ def collect(cfg: DictConfig) -> list[dict]:
     results.sort(key=lambda r: r[cfg.sweep.metric], reverse=cfg.sweep.goal == "maximize")
     atomic_write_json(base / "sweep.json", {"metric": cfg.sweep.metric, "goal": cfg.sweep.goal, "runs": results})
     atomic_write_text(base / "sweep.md", table(results))
-    plot(results, cfg.sweep.metric, base / "sweep.png")
+    plot(results, cfg.sweep.metric, cfg.sweep.goal, base / "sweep.png", f"sweep {cfg.name}")
     return results
 
 
@@ -104,12 +104,17 @@ def table(results: list[dict]) -> str:
     )
 
 
-def plot(results: list[dict], metric: str, out: Path) -> None:
+def plot(results: list[dict], metric: str, goal: str, out: Path, title: str) -> None:
+    """sweep.png: one bar per grid point (its run folder's name), best at the top, the metric's axis from 0."""
     from dparallel.core.plots import new_figure, save_figure
 
-    fig, axes = new_figure(6, 3.5)
-    axes[0, 0].barh([r["run"] for r in results], [r[metric] for r in results])
-    axes[0, 0].set_xlabel(metric)
+    fig, axes = new_figure(6, 1.5 + 0.35 * len(results))
+    ax = axes[0, 0]
+    ax.barh([r["run"] for r in results][::-1], [r[metric] for r in results][::-1])
+    ax.set_xlabel(f"{metric} ({goal})")
+    ax.set_xlim(left=0)
+    ax.set_title(f"{title}: {len(results)} points", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
     save_figure(fig, out)
 
 

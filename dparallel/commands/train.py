@@ -40,16 +40,22 @@ def train(cfg: DictConfig) -> Path:
     # our own checkpoint, its bytes verified against their checksum: a full (not weights-only) load is safe
     trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt, weights_only=False)
     # The final state too, so a rerun with a larger train.max_steps continues instead of repeating steps.
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    final = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(final, weights_only=False)
     if cfg.train.wandb:  # close the wandb run: the next train in this process (a sweep point) gets its own
         import wandb
 
         wandb.finish()
     if trainer.is_global_zero:
+        if cfg.train.strategy == "fsdp":  # its parameters are shards (DTensors): save a module holding them whole
+            module = unsharded(method, cfg, micro, final)
         registry.resolve(method.save)(module, cfg, run_dir / "model")
         from dparallel.core.plots import training_curves
 
-        training_curves(run_dir)  # RUN_DIR/train.png: the loss (and every other logged metric) against the step
+        # RUN_DIR/train.png: the loss (and every other logged metric) against the step
+        training_curves(
+            run_dir, title=f"{cfg.name} ({cfg.method}, {cfg.model.path}), batch {cfg.train.global_batch_size}"
+        )
         print(
             f"trained {cfg.method} for {trainer.global_step} steps in {time.perf_counter() - start:.0f}s; "
             f"model saved to {run_dir / 'model'}",
@@ -58,3 +64,13 @@ def train(cfg: DictConfig) -> Path:
         if cfg.eval.after_train:
             evaluate_into(cfg, run_dir, str(run_dir / "model"))
     return run_dir / "model"
+
+
+def unsharded(method, cfg: DictConfig, micro: int, checkpoint: Path):
+    """A fresh module of the recipe loaded with the full state that Lightning gathered into ``checkpoint``: what a
+    trained fsdp module is, without the sharding that ``save_pretrained`` cannot write."""
+    import torch
+
+    module = registry.resolve(method.build)(cfg, micro, 0)[0]
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    return module

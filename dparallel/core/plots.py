@@ -41,9 +41,9 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def training_curves(run_dir: Path, out: Path | None = None) -> Path | None:
-    """``RUN_DIR/train.png``: one panel per logged metric (loss first, the learning rate last) against the step.
-    Returns the file, or None when nothing was logged."""
+def training_curves(run_dir: Path, out: Path | None = None, title: str = "") -> Path | None:
+    """``RUN_DIR/train.png``: one panel per logged metric (loss first, the learning rate last) against the step,
+    under ``title``. Returns the file, or None when nothing was logged."""
     series = read_metrics(run_dir)
     names = sorted(series, key=lambda k: (k != "train/loss", k == "train/lr", k))
     if not names:
@@ -59,6 +59,7 @@ def training_curves(run_dir: Path, out: Path | None = None) -> Path | None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
+    fig.suptitle(title or Path(run_dir).name, fontsize=10)
     out = out or Path(run_dir) / "train.png"
     save_figure(fig, out)
     return out

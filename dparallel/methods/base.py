@@ -3,7 +3,6 @@ Lightning Trainer built from the recipe (strategy, precision, devices, accumulat
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -39,6 +38,22 @@ class DParallelModule(L.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=self._batch_size(batch))
         return loss
 
+    def configure_model(self) -> None:
+        """Under ``train.strategy=fsdp`` (Lightning's ``ModelParallelStrategy``, FSDP2): shard each transformer
+        block (the classes the model names in ``_no_split_modules``), then the rest, over the data-parallel mesh.
+        FSDP2 keeps parameter names, so checkpoints and exports read the same as under ddp."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model  # peft-wrapped
+        blocks = set(getattr(base, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
     @staticmethod
     def _batch_size(batch: dict) -> int:
         return next(iter(batch.values())).shape[0]
@@ -51,25 +66,19 @@ class DParallelModule(L.LightningModule):
         params = self.trainable_parameters()
         require(len(params) > 0, "nothing to train: every parameter is frozen (check lora.* and the method)")
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(t.warmup_steps, t.schedule_steps or t.max_steps, t.schedule, t.min_lr_ratio)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": lr_schedule(opt, t), "interval": "step"}}
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, floor: float):
-    """Linear warm-up to 1, then constant or cosine decay to ``floor`` at ``total`` steps."""
+def lr_schedule(opt: torch.optim.Optimizer, t: DictConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' schedules: a linear warm-up from 0 over ``warmup_steps``, then constant, or a cosine decay to
+    ``min_lr_ratio`` x lr at ``schedule_steps`` (default ``max_steps``; larger stops mid-decay)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    require(schedule in ("cosine", "constant"), f"train.schedule={schedule!r}: use cosine or constant")
-    return factor
+    require(t.schedule in ("cosine", "constant"), f"train.schedule={t.schedule!r}: use cosine or constant")
+    if t.schedule == "constant":
+        return get_constant_schedule_with_warmup(opt, t.warmup_steps)
+    total = t.schedule_steps or t.max_steps
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, t.warmup_steps, total, min_lr_rate=t.min_lr_ratio)
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -122,6 +131,11 @@ def micro_batch(cfg: DictConfig) -> tuple[int, int]:
     world = local * nodes
     t = cfg.train
     total = t.schedule_steps or t.max_steps
+    require(
+        total >= t.max_steps,
+        f"train.schedule_steps={total} ends before train.max_steps={t.max_steps}: the cosine would rise again; "
+        "raise schedule_steps or leave it unset",
+    )
     require(
         t.warmup_steps <= total,
         f"train.warmup_steps={t.warmup_steps} is longer than the schedule ({total} steps): shorten the warm-up",
@@ -205,8 +219,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
     strategy = t.strategy
     if strategy == "auto" and local * nodes > 1:
         strategy = "ddp"
-    if strategy.startswith(("deepspeed", "fsdp")):  # Lightning refuses both on the CPU accelerator
-        require(cuda, f"train.strategy={strategy} needs a GPU: use ddp (or auto) on CPU")
+    if strategy.startswith("deepspeed"):  # DeepSpeed's optimizers and kernels are CUDA-only
+        require(cuda, f"train.strategy={strategy} needs a GPU: use ddp or fsdp (or auto) on CPU")
+    if strategy == "fsdp":
+        strategy = fsdp_strategy(local * nodes)
     # One version folder per attempt (logs/version_N/metrics.csv): a resumed run keeps the earlier metrics.
     loggers = [CSVLogger(str(run_dir), name="logs")]
     if t.wandb:
@@ -222,7 +238,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         precision=precision,
         max_steps=t.max_steps,
         accumulate_grad_batches=accumulate,
-        gradient_clip_val=t.grad_clip if not strategy.startswith("fsdp") else None,
+        gradient_clip_val=t.grad_clip,
         log_every_n_steps=t.log_every,
         logger=loggers,
         callbacks=[ckpt, StepProgressBar(), *(extra_callbacks or [])],
@@ -231,6 +247,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,
     )
+
+
+def fsdp_strategy(world: int):
+    """FSDP2 through Lightning's ``ModelParallelStrategy``: every rank one data-parallel shard (no tensor
+    parallelism), full-state checkpoints written once by rank 0 through :class:`VerifiedCheckpointIO`, so a run
+    resumes under ddp or fsdp alike. Unlike Lightning's ``FSDPStrategy`` (FSDP1, which refuses the CPU), it runs
+    on gloo too, which is how ``make test`` exercises it."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
 
 
 # Sections whose keys never change what a checkpoint holds: a resume may change them freely (more steps, another
