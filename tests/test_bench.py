@@ -35,7 +35,7 @@ def test_bench_writes_consistent_json(tmp_path):
         assert r["nfe"] == 4 and r["tpf"] == 16 / 4  # EOS suppressed: every answer fills its block
         assert r["floor_ratio"] == pytest.approx(r["ms_per_forward"] / r["floor_ms"])
         assert r["forwards_per_s"] == pytest.approx(1e3 / r["ms_per_forward"])
-        assert 0.0 <= r["overhead_frac"] <= 1.0
+        assert r["overhead_frac"] < 1.0  # not clamped at 0: noise may make it negative, and the JSON says so
         assert r["context"] == 24 and r["block"] == 16
     assert (tmp_path / "bench.md").read_text().startswith("| batch | cache |")
     step = report["train_step"]  # one LoRA certainty-forcing step of the tiny distill recipe's student
