@@ -121,3 +121,30 @@ def test_one_eval_puts_the_teacher_and_another_model_in_one_frontier(tmp_path, c
     rows = {r["decoder"]: r for r in report["results"] if r["task"] == "macro"}
     assert rows["student-seq"]["nfe"] == rows["sequential"]["nfe"] == 32  # one token per step on either model
     assert list(report["frontier"]["task_families"]) == ["one-answer", "reasoning"]
+
+
+def test_a_reference_on_another_model_stays_the_reference():
+    """A method's eval runs on the student and decodes the teacher's reference with `model:`: that decoder is the
+    reference (its own family), not a method point."""
+    from omegaconf import OmegaConf
+
+    from dparallel.commands.config import EvalConfig
+    from dparallel.commands.evaluate import decoder_points
+
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(EvalConfig),
+        {
+            "reference": "teacher-sequential",
+            "decoders": [
+                {"name": "teacher-sequential", "model": "builtin:tiny-teacher"},
+                {"name": "teacher-conf", "model": "builtin:tiny-teacher", "rule": "confidence", "kind": "heuristic"},
+                {"name": "student-entropy", "rule": "entropy"},
+            ],
+        },
+    )
+    points = {p["name"]: (p["frontier"], p["kind"], p["model"]) for p in decoder_points(cfg, "student")}
+    assert points == {
+        "teacher-sequential": ("teacher-sequential", "reference", "builtin:tiny-teacher"),
+        "teacher-conf": ("confidence@builtin:tiny-teacher", "heuristic", "builtin:tiny-teacher"),
+        "student-entropy": ("entropy", "heuristic", "student"),
+    }
