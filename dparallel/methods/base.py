@@ -4,6 +4,7 @@ Lightning Trainer built from the recipe (strategy, precision, devices, accumulat
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -112,7 +113,9 @@ def apply_lora(adapter: ModelAdapter, cfg: DictConfig) -> None:
         f"(its linear layers: {', '.join(sorted(_linear_names(adapter.model)))})",
     )
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
-    adapter.model = get_peft_model(adapter.model, lora)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        adapter.model = get_peft_model(adapter.model, lora)
 
 
 def _linear_names(model: torch.nn.Module) -> set[str]:
