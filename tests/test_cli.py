@@ -161,3 +161,34 @@ def test_show_renders_the_decode_step_by_step(capsys):
     assert all(sum(a != b for a, b in zip(x, y)) == 1 for x, y in zip(shown, shown[1:]))
     code, printed, _ = run_cli(["generate", "--prompt", "reverse: abcdefghijklmnopqr\n", "--show"], capsys)
     assert code == 0 and printed.count("step ") == 33 and "rqponmlkjihgfedcba" in printed
+
+
+def test_quickstart_runs_every_stage_and_prints_teacher_and_student(tmp_path, capsys):
+    """The README's tour at toy size: teacher eval, sequential record, distillation with the teacher's reference in
+    the student's eval (the frontier's target), export; the final table has both models' rows, once each."""
+    args = [
+        "quickstart",
+        f"run_dir={tmp_path}",
+        "quickstart.record_per_task=1",
+        "quickstart.distill_steps=2",
+        "quickstart.distill_batch=2",
+        "eval.suite.n_per_task=1",
+        "eval.suite.tasks=[copy,shuffle]",
+    ]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0
+    table = out[out.index("model    decoder") :].splitlines()[1:]
+    labels = [line.split()[:2] for line in table if line.startswith(("teacher ", "student "))]
+    assert labels == [
+        ["teacher", "sequential"],
+        ["teacher", "confidence"],
+        ["student", "entropy-0.5"],
+        ["student", "entropy-1.0"],
+        ["student", "confidence-0.9"],
+    ]
+    student = json.loads((tmp_path / "distill" / "eval.json").read_text())
+    assert student["frontier"]["reference"] == "teacher-sequential"
+    assert student["frontier"]["families"]["teacher-sequential"]["model"] == "builtin:tiny-teacher"
+    records = json.loads((tmp_path / "record" / "trajectories" / "manifest.json").read_text())
+    assert records["decode"]["rule"] == "topk" and records["decode"]["cache"] == "none"
+    assert (tmp_path / "distill" / "export" / "dparallel.json").is_file()

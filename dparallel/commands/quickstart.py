@@ -23,8 +23,9 @@ def _tiny_stage(cfg: DictConfig, stage: str, recipe: str, overrides: list[str]) 
     return load_recipe(str(recipes_dir() / "tiny" / recipe), base + overrides)
 
 
-def _macro(report: dict, model: str) -> list[dict]:
-    return [{**r, "model": model} for r in report["results"] if r["task"] == "macro"]
+def _macro(report: dict, model: str, skip: tuple[str, ...] = ()) -> list[dict]:
+    """The report's macro rows, labelled ``model``, but for the decoders in ``skip``."""
+    return [{**r, "model": model} for r in report["results"] if r["task"] == "macro" and r["decoder"] not in skip]
 
 
 def _distill_stage(cfg: DictConfig, trajectories) -> DictConfig:
@@ -39,18 +40,21 @@ def _distill_stage(cfg: DictConfig, trajectories) -> DictConfig:
             f"distill.trajectories={trajectories}",
             f"train.max_steps={q.distill_steps}",
             f"train.global_batch_size={q.distill_batch}",
-            "train.warmup_steps=5",
+            f"train.warmup_steps={min(5, q.distill_steps)}",
             "eval.after_train=true",
             f"eval.batch_size={cfg.eval.batch_size}",
             f"eval.suite.n_per_task={cfg.eval.suite.n_per_task}",
         ],
     )
     template = OmegaConf.to_container(cfg.eval.decoders[0])
-    decoders = [
-        {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t)}
+    # the teacher's reference in the same run (the frontier's target), then the student under its rules
+    reference = {**template, "name": f"teacher-{template['name']}", "model": cfg.model.path}
+    decoders = [reference] + [
+        {**template, "name": f"{rule}-{t}", "rule": rule, "threshold": float(t), "kind": "method"}
         for rule, t in (d.split(":") for d in q.student_decoders)
     ]
-    return OmegaConf.merge(distill, {"eval": {"decoders": decoders}})  # typed: each becomes a DecoderSpec
+    # typed: each becomes a DecoderSpec
+    return OmegaConf.merge(distill, {"eval": {"decoders": decoders, "reference": reference["name"]}})
 
 
 def quickstart(cfg: DictConfig) -> list[dict]:
@@ -72,13 +76,21 @@ def quickstart(cfg: DictConfig) -> list[dict]:
             cfg,
             "record",
             "record.yaml",
-            [f"record.source.suite.n_per_task={q.record_per_task}", f"decode.rule={q.record_rule}"],
+            # no cache: the dual cache keeps the prompt's keys from the all-masked canvas of a one-block
+            # answer, which costs this small teacher its many-answers tasks (docs/teacher.md)
+            [
+                f"record.source.suite.n_per_task={q.record_per_task}",
+                f"decode.rule={q.record_rule}",
+                "decode.cache=none",
+            ],
         )
     )
 
     print(f"\n[3/4] certainty-forcing distillation ({q.distill_steps} steps), then the student's eval", flush=True)
-    train(_distill_stage(cfg, trajectories))
-    rows += _macro(json.loads((run_dir / "distill" / "eval.json").read_text()), "student")
+    distill = _distill_stage(cfg, trajectories)
+    train(distill)
+    report = json.loads((run_dir / "distill" / "eval.json").read_text())
+    rows += _macro(report, "student", skip=(distill.eval.reference,))  # the teacher's row is in its own report
 
     print("\n[4/4] export", flush=True)
     exported = export_run(run_dir / "distill", overwrite=True)
