@@ -155,7 +155,7 @@ def reference_loss(adapter, recs, cfg):
 
 def test_batched_loss_equals_per_example_loop_and_is_pinned():
     adapter = tiny()
-    cfg = recipe("distill.mask_ratio=[0.5]")  # dParallel's fixed ratio: the pin below was set with it
+    cfg = recipe("distill.mask_ratio=[0.5]", "distill.entropy_weight=2.0")  # dParallel's LLaDA settings: the pin
     module = CertaintyForcingModule(cfg, adapter)
     recs = records(adapter.tokenizer)
     torch.manual_seed(0)
