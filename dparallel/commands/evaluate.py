@@ -174,8 +174,7 @@ def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
     points = []
     for spec in eval_cfg.decoders:
         rule, other = spec.get("rule") or "topk", spec.get("model")
-        on_other = "method" if other and spec.name != eval_cfg.reference else None  # a teacher's reference stays one
-        kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind") or on_other)
+        kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind"), other_model=bool(other))
         family = spec.get("frontier") or (spec.name if kind == "reference" else f"{rule}@{other}" if other else rule)
         points.append({"name": spec.name, "frontier": family, "kind": kind, "model": other or model})
     return points

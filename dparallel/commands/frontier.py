@@ -30,15 +30,17 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
-def decoder_kind(name: str, rule: str, reference: str, kind: str | None = None) -> str:
-    """``kind`` when the decoder spec sets one; else reference (the reference decoder), oracle, method (a trained
-    component's rule) or heuristic."""
+def decoder_kind(name: str, rule: str, reference: str, kind: str | None = None, other_model: bool = False) -> str:
+    """``kind`` when the decoder spec sets one; else reference (the reference decoder, on whichever model), oracle,
+    method (a trained component's rule, or any rule on another model than the eval's: a student) or heuristic."""
     if kind is not None:
         require(kind in KINDS, f"decoder {name}: kind={kind!r}: choose from {', '.join(KINDS)}")
         return kind
     if name == reference:
         return "reference"
-    return "oracle" if rule == "oracle" else "method" if rule in METHOD_RULES else "heuristic"
+    if rule == "oracle":
+        return "oracle"
+    return "method" if other_model or rule in METHOD_RULES else "heuristic"
 
 
 def frontier(rows: list[dict], decoders: list[dict], reference: str, margin: float, model: str) -> dict:
