@@ -12,7 +12,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-from dparallel.core.errors import DParallelError, describe_os_error
+from dparallel.core.errors import DParallelError, describe_os_error, require
 from dparallel.core.paths import recipes_dir
 
 
@@ -37,7 +37,9 @@ COMMANDS = {
         "dparallel.commands.generate:generate",
     ),
     "quickstart": Command(
-        "the whole pipeline on the embedded default, under run_dir", "dparallel.commands.quickstart:quickstart"
+        "the whole pipeline on the embedded default, under run_dir; `quickstart METHOD` (ar2diff, distill) runs "
+        "that method's chain: record -> train -> eval with the frontier -> export",
+        "dparallel.commands.quickstart:quickstart",
     ),
     "sweep": Command(
         "run the recipe's sweep block: a wandb sweep, or --local to run the grid here", "dparallel.commands.sweep:sweep"
@@ -113,9 +115,16 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _recipe_args(command: str, head: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
     """The recipe file and overrides of a command line: ``generate MODEL`` sets model.path, and its bare decoding
-    options (rule=entropy) belong to the decode section; ``quickstart`` defaults to the shipped recipe."""
-    if command == "quickstart" and head is None:
-        return str(recipes_dir() / "tiny" / "quickstart.yaml"), overrides
+    options (rule=entropy) belong to the decode section; ``quickstart`` defaults to the shipped tour, and
+    ``quickstart METHOD`` runs that method's chain (``dparallel.commands.chains``)."""
+    if command == "quickstart":
+        from dparallel.commands.chains import CHAINS, chain_recipe
+
+        if head is None:
+            return str(recipes_dir() / "tiny" / "quickstart.yaml"), overrides
+        if not head.endswith((".yaml", ".yml")):
+            require(head in CHAINS, f"no quickstart chain {head!r}: choose from {', '.join(CHAINS)} (or a recipe)")
+            return chain_recipe(head), overrides
     if command != "generate":
         return head, overrides
     import dataclasses

@@ -18,7 +18,6 @@ RECIPES = {
     "ar": ["recipes/tiny/ar.yaml", *TINY, "ar.init=scratch", "ar.gen_lengths=[32]", "ar.tasks=[copy]"],
     "ar2diff": [
         "recipes/tiny/ar2diff.yaml",
-        "model.path=builtin:tiny-teacher",  # the teacher's weights read as an AR parent: no parent run needed
         "ar2diff.gen_lengths=[32]",
         "ar2diff.tasks=[copy]",
         "ar2diff.block_size=8",

@@ -25,7 +25,7 @@ LAYERS = [
     ),
     ("data", ["dparallel.data", "dparallel.ar2diff.config", "dparallel.filters.config", "dparallel.samplers.config"]),
     ("methods", ["dparallel.methods", "dparallel.filters", "dparallel.samplers", "dparallel.ar2diff"]),
-    ("commands", ["dparallel.commands", "dparallel.ar2diff.compare"]),
+    ("commands", ["dparallel.commands"]),
     ("cli", ["dparallel.cli", "dparallel.__main__", "dparallel"]),
 ]
 

@@ -21,8 +21,10 @@ ADAPTER_DIR = "adapter"  # a LoRA run's peft adapter inside its model folder
 def resolve_path(path: str) -> str:
     """``builtin:NAME`` -> the folder shipped inside the package; anything else is returned unchanged."""
     if path.startswith(BUILTIN_PREFIX):
-        folder = resources.files("dparallel") / "assets" / path[len(BUILTIN_PREFIX) :]
-        require(folder.is_dir(), f"no built-in model {path!r}: the shipped one is 'builtin:tiny-teacher'")
+        assets = resources.files("dparallel") / "assets"
+        folder = assets / path[len(BUILTIN_PREFIX) :]
+        shipped = ", ".join(sorted(f"{BUILTIN_PREFIX}{d.name}" for d in assets.iterdir() if d.is_dir()))
+        require(folder.is_dir(), f"no built-in model {path!r}: the shipped ones are {shipped}")
         return str(folder)
     return path
 

@@ -14,7 +14,21 @@ from transformers.utils import logging as hf_logging
 from dparallel.adapters.base import ModelAdapter, SpecialIds
 from dparallel.adapters.folder import download, read_manifest, resolve_path
 from dparallel.core.errors import DParallelError, first_line, require
+from dparallel.core.paths import recipe_writing
 from dparallel.core.registry import FAMILIES, adapter_class
+
+
+def looks_local(path: str) -> bool:
+    """A path that cannot be a Hub id (``name`` or ``org/name``): relative/absolute, or more than one ``/``; or one
+    that a shipped recipe writes (``runs/ar/model``)."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or recipe_writing(path) is not None
+
+
+def missing_folder(path: str) -> str:
+    """One line for a local model folder that does not exist: the shipped recipe that writes it, when one does."""
+    writer = recipe_writing(path)
+    make = f"`dparallel train {writer}` writes it, or " if writer else ""
+    return f"model folder {path} does not exist: {make}set model.path to a trained folder (or builtin:NAME)"
 
 
 def load_adapter(
@@ -30,11 +44,8 @@ def load_adapter(
     ``path`` is local; a Hub id downloads the weights (HF_HUB_OFFLINE=1 turns that into a clear error).
     """
     local = resolve_path(path)
-    require(
-        not local.startswith((".", "/")) or Path(local).is_dir(),
-        f"model folder {local} does not exist: check model.path",
-    )
     if not Path(local).is_dir():
+        require(not looks_local(local), missing_folder(local))
         local = download(local, revision)
     manifest = read_manifest(local)
     family = family or manifest.get("family")

@@ -216,13 +216,13 @@ def write_report(
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| decoder | task | family | n | accuracy | 95% CI | NFE | TPF | fill | tokens/s | wall s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| decoder | task | family | n | accuracy | 95% CI | NFE | TPF | fill | tokens/s | wall s | ms / answer |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['decoder']} | {r['task']} | {r['family']} | {r['n']} | {r['accuracy']:.3f} "
         f"| {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['nfe']:.1f} | {r['tpf']:.2f} | {r['fill']:.2f} "
-        f"| {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} |\n"
+        f"| {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | {1000 * r['wall_s'] / r['n']:.1f} |\n"
         for r in rows
     )
     return head + body

@@ -58,7 +58,12 @@ def _distill_stage(cfg: DictConfig, trajectories) -> DictConfig:
 
 
 def quickstart(cfg: DictConfig) -> list[dict]:
-    """Run every stage and print the before/after table; returns its rows."""
+    """Run every stage and print the before/after table; returns its macro rows. A method's recipe (``dparallel
+    quickstart METHOD``) runs that method's chain instead (:func:`dparallel.commands.chains.run_chain`)."""
+    if cfg.method:
+        from dparallel.commands.chains import run_chain
+
+        return [r for r in run_chain(cfg)["results"] if r["task"] == "macro"]
     from dparallel.commands.export import export_run
     from dparallel.data.record import record
 

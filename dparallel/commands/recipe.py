@@ -24,8 +24,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dparallel.core import registry
 from dparallel.core.errors import DParallelError, first_line, require
 from dparallel.core.fields import check_ranges
+from dparallel.core.paths import RUN_DIR_DEFAULT
 
-COMMON = (("name", str, "recipe"), ("run_dir", str, "runs/${name}"), ("method", str, ""))
+COMMON = (("name", str, "recipe"), ("run_dir", str, RUN_DIR_DEFAULT), ("method", str, ""))
 COMMON_HELP = {
     "name": "the run's name (default: the recipe file's stem)",
     "run_dir": "where checkpoints, logs, reports and the model go",

@@ -1,0 +1,69 @@
+"""``dparallel quickstart METHOD``: a method's whole chain (record -> train -> eval with the frontier -> export) at
+toy size, and the one-line errors around it."""
+
+import json
+from pathlib import Path
+
+from conftest import assert_one_line_error, run_cli
+
+from dparallel.commands import chains
+
+TOY_EVAL = ["eval.suite.n_per_task=1", "eval.suite.tasks=[copy,shuffle]", "eval.plot=false"]
+TOY_TRAIN = ["train.max_steps=2", "train.global_batch_size=2", "train.warmup_steps=1", "train.log_every=1"]
+
+
+def decoders_of(table: str) -> list[str]:
+    """The decoder column of the chain's final table (the lines between its header and the frontier)."""
+    lines = table[table.index("decoder ") :].split("\n\n")[0].splitlines()[1:]
+    return [line.split()[0] for line in lines]
+
+
+def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run(tmp_path, capsys):
+    args = ["quickstart", "ar2diff", f"run_dir={tmp_path}", "ar2diff.tasks=[copy]", *TOY_TRAIN, *TOY_EVAL]
+    code, out, _ = run_cli(args, capsys)
+    assert code == 0
+    assert "dparallel quickstart ar2diff: train -> eval -> export" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    recipe_decoders = [r["decoder"] for r in report["results"] if r["task"] == "macro"]
+    assert decoders_of(out) == recipe_decoders and recipe_decoders[0] == "ar-greedy" and len(recipe_decoders) == 9
+    assert report["frontier"]["reference"] == "ar-greedy"
+    parent = report["frontier"]["families"]["ar-greedy"]
+    assert (parent["kind"], parent["model"]) == ("reference", "builtin:tiny-ar")
+    assert report["frontier"]["families"]["confidence@block8"]["kind"] == "method"
+    exported = json.loads((tmp_path / "export" / "dparallel.json").read_text())
+    assert (exported["family"], exported["method"]) == ("block", "ar2diff")
+
+
+def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monkeypatch):
+    """The distill chain with a 1-prompt-per-task record stage (the shipped one records 300)."""
+    small = tmp_path / "record-small.yaml"
+    small.write_text(
+        (Path(chains.recipes_dir()) / "tiny" / "record-seq.yaml").read_text().replace("n_per_task: 300", "n_per_task: 1")
+    )
+    monkeypatch.setitem(chains.CHAINS, "distill", chains.Chain(str(small), "distill.trajectories"))
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["quickstart", "distill", f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
+    assert code == 0
+    assert "record -> train -> eval -> export" in out
+    manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
+    assert manifest["decode"]["rule"] == "topk" and manifest["decode"]["cache"] == "none"
+    saved = (run / "config.yaml").read_text()
+    assert f"trajectories: {run / 'record' / 'trajectories'}" in saved
+    assert decoders_of(out)[0] == "teacher-sequential" and (run / "export" / "dparallel.json").is_file()
+
+
+def test_an_unknown_chain_is_one_line(capsys):
+    code, _, err = run_cli(["quickstart", "distil"], capsys)
+    assert_one_line_error(code, err, "no quickstart chain 'distil'", "ar2diff, distill")
+
+
+def test_a_missing_parent_names_the_recipe_that_makes_it(tmp_path, capsys, monkeypatch):
+    """Instead of a Hub error: the folder, and the shipped recipe whose training writes it."""
+    recipe = str(Path(chains.recipes_dir()) / "tiny" / "ar2diff.yaml")
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    code, _, err = run_cli(["train", recipe, "model.path=runs/ar/model"], capsys)
+    assert_one_line_error(code, err, "model folder runs/ar/model does not exist", "dparallel train recipes/tiny/ar.yaml")
+    code, _, err = run_cli(["train", recipe, "model.path=./my/parent"], capsys)
+    assert_one_line_error(code, err, "model folder ./my/parent does not exist", "set model.path")
+    code, _, err = run_cli(["train", recipe, "model.path=builtin:tiny-parent"], capsys)
+    assert_one_line_error(code, err, "no built-in model 'builtin:tiny-parent'", "builtin:tiny-ar, builtin:tiny-teacher")
