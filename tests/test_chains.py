@@ -37,9 +37,8 @@ def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run
 def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monkeypatch):
     """The distill chain with a 1-prompt-per-task record stage (the shipped one records 300)."""
     small = tmp_path / "record-small.yaml"
-    small.write_text(
-        (Path(chains.recipes_dir()) / "tiny" / "record-seq.yaml").read_text().replace("n_per_task: 300", "n_per_task: 1")
-    )
+    shipped = (Path(chains.recipes_dir()) / "tiny" / "record-seq.yaml").read_text()
+    small.write_text(shipped.replace("n_per_task: 300", "n_per_task: 1"))
     monkeypatch.setitem(chains.CHAINS, "distill", chains.Chain(str(small), "distill.trajectories"))
     run = tmp_path / "run"
     code, out, _ = run_cli(["quickstart", "distill", f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
@@ -62,7 +61,9 @@ def test_a_missing_parent_names_the_recipe_that_makes_it(tmp_path, capsys, monke
     recipe = str(Path(chains.recipes_dir()) / "tiny" / "ar2diff.yaml")
     monkeypatch.chdir(tmp_path)  # no runs/ here
     code, _, err = run_cli(["train", recipe, "model.path=runs/ar/model"], capsys)
-    assert_one_line_error(code, err, "model folder runs/ar/model does not exist", "dparallel train recipes/tiny/ar.yaml")
+    assert_one_line_error(
+        code, err, "model folder runs/ar/model does not exist", "dparallel train recipes/tiny/ar.yaml"
+    )
     code, _, err = run_cli(["train", recipe, "model.path=./my/parent"], capsys)
     assert_one_line_error(code, err, "model folder ./my/parent does not exist", "set model.path")
     code, _, err = run_cli(["train", recipe, "model.path=builtin:tiny-parent"], capsys)
