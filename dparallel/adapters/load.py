@@ -18,15 +18,12 @@ from dparallel.core.paths import recipe_writing
 from dparallel.core.registry import FAMILIES, adapter_class
 
 
-def looks_local(path: str) -> bool:
-    """A path that cannot be a Hub id (``name`` or ``org/name``): relative/absolute, or more than one ``/``; or one
-    that a shipped recipe writes (``runs/ar/model``)."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or recipe_writing(path) is not None
-
-
-def missing_folder(path: str) -> str:
-    """One line for a local model folder that does not exist: the shipped recipe that writes it, when one does."""
+def missing_folder(path: str) -> str | None:
+    """One line for a local model folder that does not exist (the shipped recipe that writes it, when one does), or
+    None when ``path`` may be a Hub id (``name`` or ``org/name`` that no shipped recipe writes)."""
     writer = recipe_writing(path)
+    if writer is None and not path.startswith((".", "/", "~")) and path.count("/") <= 1:
+        return None
     make = f"`dparallel train {writer}` writes it, or " if writer else ""
     return f"model folder {path} does not exist: {make}set model.path to a trained folder (or builtin:NAME)"
 
@@ -45,7 +42,8 @@ def load_adapter(
     """
     local = resolve_path(path)
     if not Path(local).is_dir():
-        require(not looks_local(local), missing_folder(local))
+        missing = missing_folder(local)
+        require(missing is None, missing or "")
         local = download(local, revision)
     manifest = read_manifest(local)
     family = family or manifest.get("family")
