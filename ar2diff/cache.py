@@ -13,6 +13,13 @@ With sub-blocks (the engine's ``block_length`` < the model's ``block_size``, Fas
 the whole attention block is forwarded every step and only finished attention blocks are cached, so sub-block
 decoding stays exact too.
 
+Live rows only: a step forwards only the rows that still have a mask in the engine's window; the others get
+logits 0 (the engine commits nothing there: no mask). A batch waits for its slowest row in every block, so most
+of a batch's forwards would otherwise recompute rows that are done (measured on the tiny suite: about half the
+rows of a batch-16 step, docs/methods/ar2diff.md). It stays exact: a row with no mask at a block's first step has
+ended (the engine fills everything after an accepted EOS, and a rule commits only inside its window), so it never
+needs keys/values again; the cache holds the rows live at the last block start (``rows``), in batch order.
+
 Token shift: the logit of position p comes from position p - 1. For the first token of a block that is the last
 token of the previous block, computed when that block was forwarded clean; it is kept in ``last_logits``.
 """
@@ -37,14 +44,14 @@ class BlockCache:
             f"cache=block needs a converted block-diffusion model (family block), not {adapter.family!r}",
         )
         self.adapter = adapter
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (keys, values) [len(rows), h, cached, d]
+        self.rows: torch.Tensor | None = None  # [R] the batch rows whose keys/values ``layers`` holds
         self.cached = 0  # canvas positions [0, cached) have their keys/values in ``layers``
-        self.last_logits: torch.Tensor | None = None  # [B, V] raw logits at position cached - 1
+        self.last_logits: torch.Tensor | None = None  # [R, V] raw logits at position cached - 1, per cached row
 
-    def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        """Logits [B, hi - lo, V] of the engine's window [lo, hi), aligned so row j predicts position lo + j."""
-        # block_ids on the host (plain ints): the model block holding [lo, hi), without a device sync per step
-        size, length = self.adapter.block_size, x.shape[1]
+    def _block(self, lo: int, hi: int, length: int) -> tuple[int, int]:
+        """The model block [b_lo, b_hi) holding the window [lo, hi), on the host (no device sync per step)."""
+        size = self.adapter.block_size
         shift = (-length) % size  # blocks are counted back from the sequence end (masks.block_ids)
         block = (lo + shift) // size
         require(
@@ -52,15 +59,45 @@ class BlockCache:
             f"decoding block_length={hi - lo} must divide the model's block_size={size} "
             "(and gen_length must be a multiple of it)",
         )
-        b_lo, b_hi = max(block * size - shift, 0), min((block + 1) * size - shift, length)
-        start = self.cached
-        raw, layers = self.adapter.forward_span(x, attn, start, b_hi, self.layers or None)
-        if b_lo > start and self.adapter.shift_logits:
-            self.last_logits = raw[:, b_lo - 1 - start]  # the clean logit that predicts the block's first token
-        self.layers = [(k[:, :, :b_lo], v[:, :, :b_lo]) for k, v in layers]
-        self.cached = b_lo
-        if not self.adapter.shift_logits:
-            return raw[:, lo - start : hi - start]
-        if lo - 1 >= start:
-            return raw[:, lo - 1 - start : hi - 1 - start]
-        return torch.cat([self.last_logits[:, None], raw[:, : hi - 1 - start]], dim=1)
+        return max(block * size - shift, 0), min((block + 1) * size - shift, length)
+
+    def _live(self, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows with a mask in [lo, hi) (batch indices [n]) and where they sit in ``rows`` ([n])."""
+        live = (x[:, lo:hi] == self.adapter.ids.mask).any(dim=1).nonzero().squeeze(1)
+        if len(live) == 0:  # nothing to decode: forward one row so that shapes hold; its logits are never used
+            live = (self.rows if self.rows is not None else torch.arange(len(x), device=x.device))[:1]
+        if self.rows is None:
+            return live, live
+        where = torch.searchsorted(self.rows, live).clamp(max=len(self.rows) - 1)
+        require(
+            bool((self.rows[where] == live).all()),
+            "cache=block: a row gained masks after it ended (a rule committed outside its window?)",
+        )
+        return live, where
+
+    def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Logits [B, hi - lo, V] of the engine's window [lo, hi), aligned so row j predicts position lo + j."""
+        b_lo, b_hi = self._block(lo, hi, x.shape[1])
+        start, shift = self.cached, self.adapter.shift_logits
+        live, where = self._live(x, lo, hi)
+        every = self.rows is not None and len(live) == len(self.rows)  # nothing to gather: the cache as it is
+        layers = [(k[where], v[where]) for k, v in self.layers] if self.layers and not every else self.layers
+        raw, layers = self.adapter.forward_span(x[live], attn[live], start, b_hi, layers or None)
+        last = self.last_logits[where] if self.last_logits is not None and not every else self.last_logits
+        if b_lo > start or self.rows is None:  # a new block: keep the finished ones' keys/values of the live rows
+            self.layers = [(k[:, :, :b_lo], v[:, :, :b_lo]) for k, v in layers]
+            self.rows, self.cached = live, b_lo
+            if b_lo > start and shift:
+                last = raw[:, b_lo - 1 - start]  # the clean logit that predicts the block's first token
+            self.last_logits = last
+        if not shift:
+            out = raw[:, lo - start : hi - start]
+        elif lo - 1 >= start:
+            out = raw[:, lo - 1 - start : hi - 1 - start]
+        else:
+            out = torch.cat([last[:, None], raw[:, : hi - 1 - start]], dim=1)
+        if len(live) == len(x):
+            return out
+        full = out.new_zeros((len(x), *out.shape[1:]))
+        full[live] = out
+        return full

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dparallel.ar2diff.masks import block_ids, decode_mask, noisy_blocks, training_mask
+from dparallel.core.errors import DParallelError
 
 
 # ---- masks ----------------------------------------------------------------------------------------------------
@@ -123,6 +124,33 @@ def test_cached_logits_equal_full_forward_logits(one_thread, context_causal, tok
                     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
                 x[:, lo + fill - 2 * (fill > 0) : lo + fill] = torch.randint(10, 40, (2, 2 * (fill > 0)), generator=g)
     assert cache.cached == P + 8  # blocks 0 and 1 are finished and cached; block 2 was the last active one
+
+
+def test_block_cache_forwards_only_the_live_rows(one_thread):
+    from dparallel.ar2diff.cache import BlockCache
+    from dparallel.engine.decoder import build_canvas
+
+    adapter = block_adapter(4)
+    canvas = build_canvas(adapter.encode([*PROMPTS, "reverse: ab\n"]), 12, adapter.ids.mask, adapter.ids.pad, "cpu")
+    x, attn, P = canvas.x, canvas.attention_mask, canvas.prompt_width
+    cache, forward, rows = BlockCache(adapter), adapter.forward_span, []
+    adapter.forward_span = lambda x, *rest: rows.append(len(x)) or forward(x, *rest)
+    with torch.no_grad():
+        cache.step(x, attn, P, P + 4)  # block 0, every row masked
+        x[1, P : P + 4] = 7  # row 1 finishes block 0 first
+        x[2, P : P + 12] = torch.tensor([9, adapter.ids.eos] + [adapter.ids.eos] * 10)  # row 2 ends (EOS filled)
+        got, want = cache.step(x, attn, P, P + 4), adapter.logits(x, attn)
+        x[0, P : P + 4] = 8
+        got_next = cache.step(x, attn, P + 4, P + 8)  # block 1: rows 0 and 1 go on, row 2 has ended
+        want_next = adapter.logits(x, attn)
+    assert rows == [3, 1, 2]
+    torch.testing.assert_close(got[0], want[0, P : P + 4], atol=1e-5, rtol=0)
+    assert not got[1:].any()  # rows with nothing to decode in the window get logits 0 (nothing is committed)
+    torch.testing.assert_close(got_next[:2], want_next[:2, P + 4 : P + 8], atol=1e-5, rtol=0)
+    assert not got_next[2].any() and cache.rows.tolist() == [0, 1]
+    x[2, P + 4] = adapter.ids.mask  # a row that ended cannot come back: its keys/values are gone
+    with pytest.raises(DParallelError, match="gained masks after it ended"):
+        cache.step(x, attn, P + 4, P + 8)
 
 
 # ---- the training module --------------------------------------------------------------------------------------
@@ -333,7 +361,6 @@ def test_ar_family_decodes_greedily_batched_like_unbatched(one_thread):
 
 
 def test_block_cache_refuses_other_families_and_misaligned_blocks(one_thread):
-    from dparallel.core.errors import DParallelError
     from dparallel.engine.pipeline import Pipeline
 
     adapter = block_adapter(block_size=4)

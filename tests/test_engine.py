@@ -13,7 +13,7 @@ from dparallel.adapters.tiny import TinyAdapter, new_tiny_adapter
 from dparallel.core.errors import DParallelError
 from dparallel.engine.config import DecodeConfig
 from dparallel.engine.decoder import Decoder, add_gumbel_noise
-from dparallel.engine.rules import Confidence, Entropy, Factor, Proposal, TopK
+from dparallel.engine.rules import Confidence, Entropy, Factor, LeftToRight, Proposal, TopK
 
 SHAPE = tiny_shape()
 PROMPTS = [[22, 23, 16, 28, 34], [77, 74, 81, 81, 84, 5, 92, 84, 87], [70, 71]]  # three lengths: left padding
@@ -260,6 +260,7 @@ RULES = {
     "confidence": dict(rule="confidence", threshold=0.9),
     "entropy": dict(rule="entropy", threshold=0.5),
     "factor": dict(rule="factor", factor=1.0),
+    "ltr": dict(rule="ltr", threshold=0.9),
 }
 
 
@@ -295,6 +296,19 @@ def test_confidence_rule():
     commit = Confidence(0.9).select(p)
     # >= tau (0.9 itself included), never the unmasked 0.99/0.97; the best masked one when none passes; none if done.
     assert commit.int().tolist() == [[1, 0, 0, 1, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def test_ltr_rule_commits_left_to_right_through_a_confident_run():
+    p = proposal(
+        [[0.2, 0.95, 0.9, 0.5, 0.99], [0.99, 0.3, 0.97, 0.99, 0.99], [0.1, 0.99, 0.99, 0.99, 0.1], [0.9] * 5],
+        [[1, 1, 1, 1, 1], [0, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]],
+    )
+    commit = LeftToRight(0.9).select(p)
+    # row 0: the leftmost (0.2, always) then 0.95, 0.9 (tau itself passes); 0.5 ends the run, so the later 0.99 waits.
+    # row 1: the unmasked 0.99 is skipped; the leftmost masked is 0.3; 0.97 follows; the committed slot ends the run.
+    # row 2: a confident run after the leftmost; row 3: nothing masked, nothing committed.
+    assert commit.int().tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 0, 0], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]]
+    assert Confidence(0.9).select(p)[0].int().tolist() == [0, 1, 1, 0, 1]  # the any-order rule takes the later 0.99
 
 
 def test_entropy_rule():

@@ -24,7 +24,8 @@ class DecodeConfig:
     """Decoding options. Names follow LLaDA's ``generate`` where it has one."""
 
     rule: str = "topk"
-    """topk | confidence | entropy | factor (| filter with a loaded filter component)"""
+    """topk | confidence | ltr (left to right through confident runs) | entropy | factor (| filter with a loaded
+    filter component)"""
     gen_length: int = ranged(32, 1)
     """canvas length (answer tokens) per prompt; 32 fits every answer of the embedded suite"""
     block_length: int = ranged(32, 1)
@@ -38,7 +39,7 @@ class DecodeConfig:
     cfg_scale: float = ranged(0.0, 0)
     """classifier-free guidance: un + (s + 1)(cond - un), prompt masked for `un`"""
     threshold: float = ranged(0.9, 0, above=True)
-    """confidence: probability >= tau; entropy: nats < threshold"""
+    """confidence, ltr: probability >= tau; entropy: nats < threshold"""
     factor: float = ranged(1.0, 0, above=True)
     """factor rule's f"""
     factor_mode: str = "paper"

@@ -196,6 +196,28 @@ class Confidence(Rule):
         return ((p.confidence >= self.threshold) & p.masked) | best_masked(p.confidence, p.masked)
 
 
+class LeftToRight(Rule):
+    """Left to right through a confident run: commit the leftmost masked position, and the masked positions right
+    after it while each one's confidence is >= tau (the first one below tau, or an already-committed position,
+    ends the run). So a block is decoded left to right and skips ahead only through tokens the model is sure of;
+    a later position is never committed before an earlier one. The rule for a model converted from an AR parent
+    (ar2diff): with token shift the leftmost masked token is predicted from the clean context, as the parent did,
+    while ``confidence`` lets a confident later position in first, which is where any-order mistakes come from
+    (docs/methods/ar2diff.md)."""
+
+    name = "ltr"
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def select(self, p: Proposal) -> torch.Tensor:
+        pos = torch.arange(p.masked.shape[1], device=p.masked.device)[None, :]  # [1, W]
+        first = p.masked.long().argmax(dim=1, keepdim=True)  # [B, 1] leftmost masked (0 in a done row: & masked)
+        passing = ((p.confidence >= self.threshold) & p.masked) | (pos == first)
+        run = (passing | (pos < first)).long().cumprod(dim=1).bool()  # [B, W]: True up to the first failure
+        return run & p.masked
+
+
 class Entropy(Rule):
     """dParallel's rule: commit every masked position whose predictive entropy is below the threshold, and always
     the lowest-entropy one. Entropy in nats of softmax(logits) at temperature 1."""
@@ -287,6 +309,9 @@ def build_rule(
     if name == "confidence":
         require(0.0 < threshold <= 1.0, f"confidence threshold {threshold} must be in (0, 1]")
         return Confidence(threshold)
+    if name == "ltr":
+        require(0.0 < threshold <= 1.0, f"ltr threshold {threshold} must be in (0, 1]")
+        return LeftToRight(threshold)
     if name == "entropy":
         require(threshold > 0.0, f"entropy threshold {threshold} must be > 0 (nats)")
         return Entropy(threshold)
@@ -296,7 +321,7 @@ def build_rule(
     if name == "marginal":
         return Marginal(k)
     raise DParallelError(
-        f"unknown decoding rule {name!r}: built in are topk, confidence, entropy, factor, marginal; `filter` needs a "
-        "filter component (dparallel.load(FILTER_FOLDER)), `oracle` a reference "
+        f"unknown decoding rule {name!r}: built in are topk, confidence, ltr, entropy, factor, marginal; `filter` "
+        "needs a filter component (dparallel.load(FILTER_FOLDER)), `oracle` a reference "
         "(dparallel.engine.oracle.OracleRule), `joint` a joint sampler (dparallel.load(JOINT_FOLDER))"
     )
