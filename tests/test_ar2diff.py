@@ -316,9 +316,10 @@ def test_pipeline_saves_an_ar_parent_and_a_block_model(pipeline):
     manifest = json.loads((block / "dparallel.json").read_text())
     assert (manifest["family"], manifest["method"], manifest["ids"]["mask"]) == ("block", "ar2diff", 1)
     config = json.loads((block / "config.json").read_text())
-    assert config["dparallel_block"] == {"block_size": 8, "context_causal": False, "token_shift": True}
+    assert config["dparallel_block"] == {"block_size": 8, "context_causal": True, "token_shift": True}
     assert config["architectures"] == ["LlamaForCausalLM"]  # a stock class, no remote code
-    assert manifest["decoding"]["cache"] == "block" and manifest["decoding"]["rule"] == "confidence"
+    decoding = manifest["decoding"]
+    assert (decoding["cache"], decoding["rule"], decoding["threshold"]) == ("block", "ltr", 0.99)
 
 
 @pytest.mark.parametrize("which", ["ar", "block"])

@@ -25,7 +25,7 @@ def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run
     assert "dparallel quickstart ar2diff: train -> eval -> export" in out
     report = json.loads((tmp_path / "eval.json").read_text())
     recipe_decoders = [r["decoder"] for r in report["results"] if r["task"] == "macro"]
-    assert decoders_of(out) == recipe_decoders and recipe_decoders[0] == "ar-greedy" and len(recipe_decoders) == 9
+    assert decoders_of(out) == recipe_decoders and recipe_decoders[0] == "ar-greedy" and len(recipe_decoders) == 13
     assert report["frontier"]["reference"] == "ar-greedy"
     parent = report["frontier"]["families"]["ar-greedy"]
     assert (parent["kind"], parent["model"]) == ("reference", "builtin:tiny-ar")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections import Counter
@@ -211,11 +212,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def cache_argument(model_class: type) -> str:
+    """The name a model class's forward takes its cache under: transformers 5.x renamed ``past_key_values`` to
+    ``cache`` (the old name warns). Looked up once per class (``inspect.signature`` costs ~0.2 ms, 3% of a tiny
+    model's cached decoding step)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def cached_forward(model, cache=None, **inputs):
-    """``model(**inputs, use_cache=True)`` handing it ``cache`` and returning (output, its cache): transformers 5.x
-    renamed ``past_key_values`` to ``cache`` (the old name warns), so the name the model's forward takes is used."""
+    """``model(**inputs, use_cache=True)`` handing it ``cache`` under :func:`cache_argument`'s name and returning
+    (output, its cache)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    name = cache_argument(type(base))
     if cache is not None:
         inputs[name] = cache
     out = model(**inputs, use_cache=True)

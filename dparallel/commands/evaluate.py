@@ -115,9 +115,15 @@ def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs
     row's tokens do not depend on its batch). Returns the generations in prompt order and {task: seconds}."""
     gens: list = [None] * len(prompts)
     walls = {}
-    for task in dict.fromkeys(e.task for e in examples):
+    for n, task in enumerate(dict.fromkeys(e.task for e in examples)):
         idx = [i for i, e in enumerate(examples) if e.task == task]
         replay = _oracle(outputs, reference, idx) if spec.get("rule") == "oracle" else None
+        if n == 0:  # one untimed batch: a decoder's first call pays one-off costs (lazy imports, allocations,
+            # generate's set-up) that would otherwise land on its first task's wall time (7.7 vs 6.2 ms/answer)
+            warm = idx[:batch_size]
+            gen_model.generate_ids(
+                [prompts[i] for i in warm], [ids[i] for i in warm], batch_size=batch_size, rule_for_batch=replay, **spec
+            )
         start = time.perf_counter()
         part = gen_model.generate_ids(
             [prompts[i] for i in idx], [ids[i] for i in idx], batch_size=batch_size, rule_for_batch=replay, **spec

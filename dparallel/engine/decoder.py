@@ -186,7 +186,8 @@ class Decoder:
 
         ``on_step(step_total, row_steps, tokens, stats)``, when given, is called once per model call before
         that step's commits: ``row_steps`` [B] is the step index each row's ``order`` will record for this step
-        (-1 for a row with nothing left to commit in the active block), ``tokens`` [B, G] the argmax over the
+        (-1 for a row with nothing left to commit in the active block; ``cache=block`` gives such a row logits 0,
+        so its tokens and statistics there say nothing), ``tokens`` [B, G] the argmax over the
         canvas and ``stats`` the :func:`~dparallel.engine.rules.token_statistics` of every position, each [B, G]
         (``conf``, ``entropy``, ``margin``; positions the forward did not cover, outside the active block under a
         cache, hold the current canvas token and statistics 0). Unused, it costs nothing.
