@@ -14,11 +14,12 @@ the whole attention block is forwarded every step and only finished attention bl
 decoding stays exact too.
 
 Live rows only: a step forwards only the rows that still have a mask in the engine's window; the others get
-logits 0 (the engine commits nothing there: no mask). A batch waits for its slowest row in every block, so most
-of a batch's forwards would otherwise recompute rows that are done (measured on the tiny suite: about half the
-rows of a batch-16 step, docs/methods/ar2diff.md). It stays exact: a row with no mask at a block's first step has
-ended (the engine fills everything after an accepted EOS, and a rule commits only inside its window), so it never
-needs keys/values again; the cache holds the rows live at the last block start (``rows``), in batch order.
+logits 0 (the engine commits nothing there: no mask). A batch waits for its slowest row in every block, so late
+steps would otherwise recompute rows that are done (on the tiny suite this took the batch-16 gap to the AR parent
+from ~2x to 1.3x, docs/methods/ar2diff.md). It stays exact: a row with no mask at a block's first step has ended
+(the engine fills everything after an accepted EOS, and a rule commits only inside its window), so it never needs
+keys/values again; the cache holds the rows live at the last block start (``rows``, sorted batch indices), and a
+step whose live rows differ from them checks that they are a subset.
 
 Token shift: the logit of position p comes from position p - 1. For the first token of a block that is the last
 token of the previous block, computed when that block was forwarded clean; it is kept in ``last_logits``.
@@ -61,35 +62,37 @@ class BlockCache:
         )
         return max(block * size - shift, 0), min((block + 1) * size - shift, length)
 
-    def _live(self, x: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rows with a mask in [lo, hi) (batch indices [n]) and where they sit in ``rows`` ([n])."""
+    def _live(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The batch rows with a mask in [lo, hi), sorted ([n])."""
         live = (x[:, lo:hi] == self.adapter.ids.mask).any(dim=1).nonzero().squeeze(1)
-        if len(live) == 0:  # nothing to decode: forward one row so that shapes hold; its logits are never used
-            live = (self.rows if self.rows is not None else torch.arange(len(x), device=x.device))[:1]
-        if self.rows is None:
-            return live, live
-        where = torch.searchsorted(self.rows, live).clamp(max=len(self.rows) - 1)
+        if len(live) == 0:  # nothing to decode (a step after the block ended): forward one cached row for the shapes
+            live = self.rows[:1]
+        return live
+
+    def _gather(self, live: torch.Tensor) -> tuple[list, torch.Tensor | None]:
+        """The cached keys/values and ``last_logits`` of the ``live`` rows (a subset of ``rows``)."""
+        if len(live) == len(self.rows):
+            return self.layers, self.last_logits
+        where = torch.searchsorted(self.rows, live).clamp(max=len(self.rows) - 1)  # [n] positions in ``rows``
         require(
             bool((self.rows[where] == live).all()),
             "cache=block: a row gained masks after it ended (a rule committed outside its window?)",
         )
-        return live, where
+        last = self.last_logits[where] if self.last_logits is not None else None
+        return [(k[where], v[where]) for k, v in self.layers], last
 
     def step(self, x: torch.Tensor, attn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Logits [B, hi - lo, V] of the engine's window [lo, hi), aligned so row j predicts position lo + j."""
         b_lo, b_hi = self._block(lo, hi, x.shape[1])
         start, shift = self.cached, self.adapter.shift_logits
-        live, where = self._live(x, lo, hi)
-        every = self.rows is not None and len(live) == len(self.rows)  # nothing to gather: the cache as it is
-        layers = [(k[where], v[where]) for k, v in self.layers] if self.layers and not every else self.layers
+        new_block = b_lo > start  # always at the first call: the prompt comes before the first block
+        live = self._live(x, lo, hi)
+        layers, last = self._gather(live) if self.rows is not None else ([], None)
         raw, layers = self.adapter.forward_span(x[live], attn[live], start, b_hi, layers or None)
-        last = self.last_logits[where] if self.last_logits is not None and not every else self.last_logits
-        if b_lo > start or self.rows is None:  # a new block: keep the finished ones' keys/values of the live rows
+        if new_block:  # keep the finished blocks' keys/values of the live rows
             self.layers = [(k[:, :, :b_lo], v[:, :, :b_lo]) for k, v in layers]
             self.rows, self.cached = live, b_lo
-            if b_lo > start and shift:
-                last = raw[:, b_lo - 1 - start]  # the clean logit that predicts the block's first token
-            self.last_logits = last
+            self.last_logits = last = raw[:, b_lo - 1 - start] if shift else None  # predicts the block's first token
         if not shift:
             out = raw[:, lo - start : hi - start]
         elif lo - 1 >= start:

@@ -115,19 +115,22 @@ def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs
     row's tokens do not depend on its batch). Returns the generations in prompt order and {task: seconds}."""
     gens: list = [None] * len(prompts)
     walls = {}
-    for n, task in enumerate(dict.fromkeys(e.task for e in examples)):
-        idx = [i for i, e in enumerate(examples) if e.task == task]
+    by_task: dict[str, list[int]] = {}  # task -> its prompts' indices, in suite order
+    for i, e in enumerate(examples):
+        by_task.setdefault(e.task, []).append(i)
+
+    def decode(idx: list[int]) -> list:
         replay = _oracle(outputs, reference, idx) if spec.get("rule") == "oracle" else None
-        if n == 0:  # one untimed batch: a decoder's first call pays one-off costs (lazy imports, allocations,
-            # generate's set-up) that would otherwise land on its first task's wall time (7.7 vs 6.2 ms/answer)
-            warm = idx[:batch_size]
-            gen_model.generate_ids(
-                [prompts[i] for i in warm], [ids[i] for i in warm], batch_size=batch_size, rule_for_batch=replay, **spec
-            )
-        start = time.perf_counter()
-        part = gen_model.generate_ids(
+        return gen_model.generate_ids(
             [prompts[i] for i in idx], [ids[i] for i in idx], batch_size=batch_size, rule_for_batch=replay, **spec
         )
+
+    # one untimed batch: a decoder's first call pays one-off costs (lazy imports, allocations, generate's set-up)
+    # that would otherwise land on its first task's wall time (measured: 7.7 against 6.2 ms/answer)
+    decode(next(iter(by_task.values()))[:batch_size])
+    for task, idx in by_task.items():
+        start = time.perf_counter()
+        part = decode(idx)
         walls[task] = time.perf_counter() - start
         bar.update(1)
         for i, g in zip(idx, part):
