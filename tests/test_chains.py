@@ -51,6 +51,41 @@ def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monk
     assert decoders_of(out)[0] == "teacher-sequential" and (run / "export" / "dparallel.json").is_file()
 
 
+def test_joint_chain_records_exact_sequential_trajectories_and_trains_the_layer_on_them(tmp_path, capsys, monkeypatch):
+    """The joint chain with a 1-prompt-per-task record stage: its records commit one token per forward by entropy
+    (what the layer's training refuses otherwise), and the eval puts joint beside marginal at the same k."""
+    small = tmp_path / "record-small.yaml"
+    shipped = (Path(chains.recipes_dir()) / "tiny" / "record-sequential.yaml").read_text()
+    small.write_text(shipped.replace("n_per_task: 300", "n_per_task: 1"))
+    monkeypatch.setitem(chains.CHAINS, "joint", chains.Chain(str(small), "joint.trajectories"))
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["quickstart", "joint", f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
+    assert code == 0
+    assert "dparallel quickstart joint: record -> train -> eval -> export" in out
+    manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
+    assert (manifest["decode"]["rule"], manifest["decode"]["k"], manifest["decode"]["cache"]) == ("marginal", 1, "none")
+    assert decoders_of(out) == [
+        "sequential", "marginal-k2", "marginal-k4", "marginal-k8", "joint-k2", "joint-k4", "joint-k8"
+    ]  # fmt: skip
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["frontier"]["families"]) == {"sequential", "marginal", "joint"}
+    exported = json.loads((run / "export" / "dparallel.json").read_text())
+    assert (exported["component"], exported["k"]) == ("joint", 4)
+
+
+def test_policy_chain_trains_on_the_suite_and_traces_both_curves_in_one_run(tmp_path, capsys):
+    toy = ["policy.source.suite.tasks=[copy]", "policy.group_size=2", "eval.suite.tasks=[copy]"]
+    code, out, _ = run_cli(["quickstart", "policy", f"run_dir={tmp_path}", *TOY_TRAIN, *TOY_EVAL, *toy], capsys)
+    assert code == 0
+    assert "dparallel quickstart policy: train -> eval -> export" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    families = report["frontier"]["families"]
+    assert {"confidence", "policy", "confidence@b16", "policy@b16", "confidence@L64", "policy@L64"} <= set(families)
+    assert len(families["policy"]["points"]) == 8 and families["policy"]["kind"] == "method"
+    exported = json.loads((tmp_path / "export" / "dparallel.json").read_text())
+    assert (exported["component"], exported["trained"]["gen_length"]) == ("policy", 32)
+
+
 def test_an_unknown_chain_is_one_line(capsys):
     code, _, err = run_cli(["quickstart", "distil"], capsys)
     assert_one_line_error(code, err, "no quickstart chain 'distil'", "ar2diff, distill")

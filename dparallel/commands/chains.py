@@ -34,6 +34,8 @@ class Chain:
 CHAINS = {
     "ar2diff": Chain(),
     "distill": Chain(record="record-seq.yaml", trajectories_key="distill.trajectories"),
+    "joint": Chain(record="record-sequential.yaml", trajectories_key="joint.trajectories"),
+    "policy": Chain(),
 }
 
 
