@@ -18,6 +18,20 @@ def decoders_of(table: str) -> list[str]:
     return [line.split()[0] for line in lines]
 
 
+def run_small_chain(method: str, tmp_path: Path, capsys, monkeypatch) -> tuple[Path, str]:
+    """Run ``quickstart METHOD`` at toy size, its record stage cut to 1 prompt per task (the shipped ones record
+    300); returns the run folder and stdout after asserting the chain succeeded."""
+    chain = chains.CHAINS[method]
+    small = tmp_path / "record-small.yaml"
+    shipped = (Path(chains.recipes_dir()) / "tiny" / chain.record).read_text()
+    small.write_text(shipped.replace("n_per_task: 300", "n_per_task: 1"))
+    monkeypatch.setitem(chains.CHAINS, method, chains.Chain(str(small), chain.trajectories_key))
+    run = tmp_path / "run"
+    code, out, _ = run_cli(["quickstart", method, f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
+    assert code == 0
+    return run, out
+
+
 def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run(tmp_path, capsys):
     args = ["quickstart", "ar2diff", f"run_dir={tmp_path}", "ar2diff.tasks=[copy]", *TOY_TRAIN, *TOY_EVAL]
     code, out, _ = run_cli(args, capsys)
@@ -36,13 +50,7 @@ def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run
 
 def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monkeypatch):
     """The distill chain with a 1-prompt-per-task record stage (the shipped one records 300)."""
-    small = tmp_path / "record-small.yaml"
-    shipped = (Path(chains.recipes_dir()) / "tiny" / "record-seq.yaml").read_text()
-    small.write_text(shipped.replace("n_per_task: 300", "n_per_task: 1"))
-    monkeypatch.setitem(chains.CHAINS, "distill", chains.Chain(str(small), "distill.trajectories"))
-    run = tmp_path / "run"
-    code, out, _ = run_cli(["quickstart", "distill", f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
-    assert code == 0
+    run, out = run_small_chain("distill", tmp_path, capsys, monkeypatch)
     assert "record -> train -> eval -> export" in out
     manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
     assert manifest["decode"]["rule"] == "topk" and manifest["decode"]["cache"] == "none"
@@ -54,13 +62,7 @@ def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monk
 def test_joint_chain_records_exact_sequential_trajectories_and_trains_the_layer_on_them(tmp_path, capsys, monkeypatch):
     """The joint chain with a 1-prompt-per-task record stage: its records commit one token per forward by entropy
     (what the layer's training refuses otherwise), and the eval puts joint beside marginal at the same k."""
-    small = tmp_path / "record-small.yaml"
-    shipped = (Path(chains.recipes_dir()) / "tiny" / "record-sequential.yaml").read_text()
-    small.write_text(shipped.replace("n_per_task: 300", "n_per_task: 1"))
-    monkeypatch.setitem(chains.CHAINS, "joint", chains.Chain(str(small), "joint.trajectories"))
-    run = tmp_path / "run"
-    code, out, _ = run_cli(["quickstart", "joint", f"run_dir={run}", *TOY_TRAIN, *TOY_EVAL], capsys)
-    assert code == 0
+    run, out = run_small_chain("joint", tmp_path, capsys, monkeypatch)
     assert "dparallel quickstart joint: record -> train -> eval -> export" in out
     manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
     assert (manifest["decode"]["rule"], manifest["decode"]["k"], manifest["decode"]["cache"]) == ("marginal", 1, "none")

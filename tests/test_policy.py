@@ -250,6 +250,8 @@ def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
             f"run_dir={run}", "model.device=cpu", "policy.source.suite.tasks=[copy,reverse]", "policy.gen_length=16",
             "policy.block_length=16", "policy.group_size=2", "policy.init_bias=0.0", "train.max_steps=2",
             "train.global_batch_size=1", "decode.gen_length=16", "decode.block_length=16",
+            "train.warmup_steps=0", "train.log_every=1",
+            "policy.features=[conf]", "policy.dim=128", "policy.ffn=512",  # random_policy()'s shape (written below)
         ],
     )  # fmt: skip
     model_dir = train(cfg)
