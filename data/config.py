@@ -69,6 +69,9 @@ class RecordConfig:
     """prompts per engine call"""
     features: bool = False
     """also store dense per-step pred, conf, entropy, margin [steps, G] (Learn2PD's inputs)"""
+    oracle: bool = False
+    """keep Learn2PD's oracle replay of each decode instead of the decode: the same tokens, each position committed
+    at the first step whose argmax already equals it (the states a filter decodes in; its training data)"""
     keep: str = "all"
     """all | correct (drop records the checker marks wrong)"""
     checker: str = "auto"

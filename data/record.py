@@ -94,7 +94,10 @@ def _spec(cfg: DictConfig, decode, items: list[Item]) -> dict:
         "teacher": {k: cfg.model[k] for k in ("path", "family", "revision", "dtype")},
         "decode": dataclasses.asdict(decode),
         "source": {**OmegaConf.to_container(rc.source), "name": source_name(rc.source)},
-        "record": {k: rc[k] for k in ("shard_size", "features", "keep", "checker", "dedup")},
+        "record": {
+            **{k: rc[k] for k in ("shard_size", "features", "keep", "checker", "dedup")},
+            **({"oracle": True} if rc.oracle else {}),  # only when set: earlier recordings keep their hash
+        },
         "prompts_sha256": _hash([(it.id, it.prompt, it.answer) for it in items]),
     }
 
@@ -201,7 +204,12 @@ def record_batch(adapter, decode, batch: list[Item], rc, checker, cfg=None) -> l
     def on_step(call, row_steps, tokens, stats):
         steps_log.append((row_steps, tokens.to(torch.int32), {k: v.to(torch.float16) for k, v in stats.items()}))
 
-    tokens, order, stats = Decoder(adapter, decode).run(ids, on_step=on_step if rc.features else None)
+    rule = None
+    if rc.oracle:  # Learn2PD: decode, then replay that output committing every position whose argmax matches it
+        from dparallel.engine.oracle import OracleRule
+
+        rule = OracleRule(Decoder(adapter, decode).run(ids)[0])
+    tokens, order, stats = Decoder(adapter, decode, rule=rule).run(ids, on_step=on_step if rc.features else None)
     tokens, order = tokens.cpu().numpy().astype(np.int32), order.cpu().numpy().astype(np.int32)
     if rc.features:
         rows = torch.stack([s[0] for s in steps_log]).cpu().numpy()  # [calls, B]

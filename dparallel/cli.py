@@ -37,8 +37,8 @@ COMMANDS = {
         "dparallel.commands.generate:generate",
     ),
     "quickstart": Command(
-        "the whole pipeline on the embedded default, under run_dir; `quickstart METHOD` (ar2diff, distill) runs "
-        "that method's chain: record -> train -> eval with the frontier -> export",
+        "the whole pipeline on the embedded default, under run_dir; `quickstart METHOD` (ar2diff, distill, filter, "
+        "joint, policy) runs that method's chain: record -> train -> eval with the frontier -> export",
         "dparallel.commands.quickstart:quickstart",
     ),
     "sweep": Command(

@@ -16,7 +16,7 @@ class FilterConfig:
     hidden: int = ranged(64, 1)
     """width of the MLP's hidden layer"""
     features: list[str] = field(default_factory=lambda: ["conf"])
-    """conf|entropy|margin|mask|position|step"""
+    """conf|entropy|margin|mask|position|step|repeat|clash (repeat, clash: the proposal repeats a block token)"""
     threshold: float = ranged(0.96, 0, 1, above=True, below=True)
     """commit a masked position when sigmoid(logit) > threshold (saved as the default)"""
     class_balance: bool = False

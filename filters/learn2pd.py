@@ -8,7 +8,9 @@ Training data are trajectories recorded with ``record.features=true`` (dense ``p
 
 - features: per position of the block, the selected statistics at step ``s`` (``conf``: max probability, Learn2PD's
   only input; ``entropy``; ``margin``: top-1 minus top-2 probability; positions already committed before ``s`` read
-  as certain: 1.0, 0.0, 1.0), optionally also the mask bit, the position in the block and the step inside the block,
+  as certain: 1.0, 0.0, 1.0), optionally also the mask bit, the position in the block, the step inside the block
+  and the conflicts of the proposals with the block's tokens (``repeat``, ``clash``: :func:`~dparallel.filters.rule.
+  conflicts`, from ``pred[s]`` and the committed tokens),
 - label: ``pred[s, i] == tokens[i]`` (the argmax already equals the teacher's final token), supervised on masked
   positions only.
 
@@ -32,7 +34,7 @@ from torch.utils.data import IterableDataset
 from dparallel.adapters.base import SpecialIds
 from dparallel.core.errors import require
 from dparallel.engine.components import HeadOnlyAdapter, base_vocab_size, save_component
-from dparallel.filters.rule import COMPONENT, STATISTICS, FilterHead, block_features, statistics_of
+from dparallel.filters.rule import COMPONENT, STATISTICS, FilterHead, block_features, reads_tokens, statistics_of
 from dparallel.methods.base import DParallelModule, epoch_order
 
 # ---- the head and its features ------------------------------------------------------------------------------
@@ -46,8 +48,8 @@ from dparallel.methods.base import DParallelModule, epoch_order
 
 @dataclass
 class FilterExamples:
-    """Per-(record, step) examples of the active block: ``stats`` name -> [N, W] float (the recorded statistics the
-    head reads), masked/label [N, W] bool, step [N]."""
+    """Per-(record, step) examples of the active block: ``stats`` name -> [N, W] (the recorded statistics the head
+    reads, float; ``proposed``/``block`` int when it reads conflicts), masked/label [N, W] bool, step [N]."""
 
     stats: dict[str, torch.Tensor]
     masked: torch.Tensor
@@ -63,9 +65,12 @@ class FilterExamples:
         return {**fixed, **{k: v[index] for k, v in self.stats.items()}}
 
 
-def record_examples(record: dict, block_length: int, stats: Sequence[str] = ("conf",)) -> dict[str, np.ndarray]:
+def record_examples(
+    record: dict, block_length: int, stats: Sequence[str] = ("conf",), tokens_too: bool = False
+) -> dict[str, np.ndarray]:
     """The examples of one trajectory record (see the module docstring). Arrays: each of ``stats`` [S, W] float32,
-    masked and label [S, W] bool, step [S] int (the step inside the block)."""
+    masked and label [S, W] bool, step [S] int (the step inside the block); with ``tokens_too`` also proposed
+    (the argmax) and block (the final tokens, what committed positions hold) [S, W] int64."""
     require(
         record.get("pred") is not None, "trajectories have no dense features: record them with record.features=true"
     )
@@ -84,20 +89,25 @@ def record_examples(record: dict, block_length: int, stats: Sequence[str] = ("co
     s = np.arange(steps)[:, None]
     block_order = order[cols]
     block_start_step = block_order.min(axis=1)  # the row's first step in this block
+    tokens_at = {"proposed": pred[s, cols].astype(np.int64), "block": tokens[cols].astype(np.int64)}
     return {
         **{k: np.asarray(record[k], dtype=np.float32)[s, cols] for k in stats},
+        **(tokens_at if tokens_too else {}),
         "masked": block_order >= s,  # state_at(tokens, order, s) == MASK, without materialising the canvas
         "label": pred[s, cols] == tokens[cols],
         "step": np.arange(steps) - block_start_step,
     }
 
 
-def build_examples(records: Sequence[dict], block_length: int, stats: Sequence[str] = ("conf",)) -> FilterExamples:
-    parts = [record_examples(r, block_length, stats) for r in records]
+def build_examples(
+    records: Sequence[dict], block_length: int, stats: Sequence[str] = ("conf",), tokens_too: bool = False
+) -> FilterExamples:
+    parts = [record_examples(r, block_length, stats, tokens_too) for r in records]
     require(len(parts) > 0, "no trajectory records to build filter examples from")
     cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    tokens = ("proposed", "block") if tokens_too else ()
     return FilterExamples(
-        stats={k: torch.from_numpy(cat[k]).float() for k in stats},
+        stats={**{k: torch.from_numpy(cat[k]).float() for k in stats}, **{k: torch.from_numpy(cat[k]) for k in tokens}},
         masked=torch.from_numpy(cat["masked"]),
         label=torch.from_numpy(cat["label"]),
         step=torch.from_numpy(cat["step"]).long(),
@@ -213,9 +223,9 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
 
     train_records, val_records = split_records(records, f.val_fraction, cfg.train.seed)
     require(len(train_records) > 0, "filter.val_fraction leaves no trajectories to train on")
-    stats = statistics_of(head.features)
-    train_ex = build_examples(train_records, f.block_length, stats)
-    val_ex = build_examples(val_records, f.block_length, stats) if val_records else None
+    stats, tokens_too = statistics_of(head.features), reads_tokens(head.features)
+    train_ex = build_examples(train_records, f.block_length, stats, tokens_too)
+    val_ex = build_examples(val_records, f.block_length, stats, tokens_too) if val_records else None
     teacher = manifest.get("teacher") or {}
     family = cfg.model.family or teacher.get("family")
     require(family is not None, f"cannot tell the model family of {f.trajectories}: set model.family")

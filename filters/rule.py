@@ -17,7 +17,10 @@ from dparallel.engine.rules import Proposal, Rule, best_masked, token_statistics
 STATISTICS = ("conf", "entropy", "margin")  # recorded per step (engine.rules.token_statistics)
 
 
-FEATURES = (*STATISTICS, "mask", "position", "step")
+CONFLICTS = ("repeat", "clash")  # read the block's tokens: see :func:`conflicts`
+
+
+FEATURES = (*STATISTICS, "mask", "position", "step", *CONFLICTS)
 
 
 CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
@@ -47,11 +50,13 @@ def block_features(
     stats: dict[str, torch.Tensor], masked: torch.Tensor, step: torch.Tensor | int, features: Sequence[str]
 ) -> torch.Tensor:
     """The head's input [N, W * F] from the block's per-position statistics ``stats`` (``conf``/``entropy``/
-    ``margin``, each [N, W]; only the ones ``features`` names are read), its mask state ``masked`` [N, W] and the
-    step inside the block ``step`` ([N] or an int). Committed positions read as certain (:data:`CERTAIN`). Shared
+    ``margin``, each [N, W]; only the ones ``features`` names are read; the conflict features also read
+    ``proposed`` and ``block``, see :func:`conflicts`), its mask state ``masked`` [N, W] and the step inside the
+    block ``step`` ([N] or an int). Committed positions read as certain (:data:`CERTAIN`; no conflict). Shared
     by training and decoding, so both see exactly the same features."""
     n, w = masked.shape
     parts = []
+    clashes = conflicts(stats, masked) if any(f in CONFLICTS for f in features) else {}
     for name in features:
         if name in STATISTICS:
             require(name in stats, f"filter feature {name!r} was not recorded: record again with record.features=true")
@@ -63,14 +68,46 @@ def block_features(
         elif name == "step":
             s = torch.as_tensor(step, device=masked.device, dtype=torch.float32).reshape(-1, 1)
             parts.append((s / w).expand(n, w))
+        elif name in CONFLICTS:
+            parts.append(clashes[name].float())
         else:
             raise DParallelError(f"unknown filter feature {name!r}: choose from {', '.join(FEATURES)}")
     return torch.cat(parts, dim=1)
 
 
+def conflicts(stats: dict[str, torch.Tensor], masked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where committing a masked position's proposal would repeat a token of the block, each [N, W] bool.
+
+    ``stats["proposed"]`` [N, W]: the token each position would commit (the argmax); ``stats["block"]`` [N, W]: the
+    block's current tokens (read at committed positions only); ``stats["conf"]``: the proposals' max probability.
+
+    - ``repeat``: the proposal equals a token already committed elsewhere in the block;
+    - ``clash``: another masked position proposes the same token with a higher max probability (in float16; ties:
+      neither).
+
+    Parallel decoding fails by repetition (two positions of a permutation both taking the likeliest item);
+    confidences alone cannot see it, the tokens can. Committed positions have no conflict."""
+    missing = [k for k in ("proposed", "block", "conf") if k not in stats]
+    require(not missing, f"the filter's conflict features need {missing}: record again with record.features=true")
+    # compared at float16, the precision records store: decoding (float32) and training then agree on near-ties
+    proposed, conf = stats["proposed"], stats["conf"].half()
+    current = torch.where(masked, proposed, stats["block"])  # [N, W]: what each position holds or would hold
+    same = proposed[:, :, None] == current[:, None, :]  # [N, W(i), W(j)]: i's proposal is j's token
+    same &= ~torch.eye(masked.shape[1], dtype=torch.bool, device=masked.device)
+    repeat = (same & ~masked[:, None, :]).any(-1)
+    clash = (same & masked[:, None, :] & (conf[:, None, :] > conf[:, :, None])).any(-1)
+    return {"repeat": repeat & masked, "clash": clash & masked}
+
+
 def statistics_of(features: Sequence[str]) -> list[str]:
-    """The recorded statistics a feature list reads."""
-    return [f for f in features if f in STATISTICS]
+    """The recorded statistics a feature list reads (``clash`` compares confidences)."""
+    needed = set(features) | ({"conf"} if "clash" in features else set())
+    return [f for f in STATISTICS if f in needed]
+
+
+def reads_tokens(features: Sequence[str]) -> bool:
+    """Whether the features read the block's tokens (``proposed``, ``block``) beside the statistics."""
+    return any(f in CONFLICTS for f in features)
 
 
 class FilterRule(Rule):
@@ -91,10 +128,17 @@ class FilterRule(Rule):
             f"decode with block_length={self.head.block_length}",
         )
 
+    def features(self, p: Proposal) -> torch.Tensor:
+        """The head's input [B, W * F] at this step: what :func:`block_features` builds from a recorded step."""
+        stats = token_statistics(p.logits)
+        if reads_tokens(self.head.features):
+            lo, hi = p.context.window
+            stats.update(proposed=p.tokens, block=p.context.x[:, lo:hi])
+        return block_features(stats, p.masked, p.step, self.head.features)
+
     def select(self, p: Proposal) -> torch.Tensor:
         param = next(self.head.parameters())
-        x = block_features(token_statistics(p.logits), p.masked, p.step, self.head.features)
-        prob = torch.sigmoid(self.head(x.to(param.device, param.dtype)).float())
+        prob = torch.sigmoid(self.head(self.features(p).to(param.device, param.dtype)).float())
         self.head_calls += 1
         return ((prob > self.threshold) & p.masked) | best_masked(p.confidence, p.masked)
 

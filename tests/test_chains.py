@@ -59,6 +59,23 @@ def test_distill_chain_records_then_trains_on_its_records(tmp_path, capsys, monk
     assert decoders_of(out)[0] == "teacher-sequential" and (run / "export" / "dparallel.json").is_file()
 
 
+def test_filter_chain_records_dense_features_and_traces_the_filter_beside_the_heuristics(tmp_path, capsys, monkeypatch):
+    """The filter chain with a 1-prompt-per-task record stage: one token per step with dense features, then the
+    filter at several thresholds beside the teacher's reference, the oracle and the heuristics, in one run."""
+    run, out = run_small_chain("filter", tmp_path, capsys, monkeypatch)
+    assert "dparallel quickstart filter: record -> train -> eval -> export" in out
+    manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
+    assert manifest["record"]["features"] is True and manifest["decode"]["rule"] == "topk"
+    assert decoders_of(out)[:2] == ["sequential", "oracle"] and "filter-0.97-eotp" in decoders_of(out)
+    families = json.loads((run / "eval.json").read_text())["frontier"]["families"]
+    assert (families["oracle"]["kind"], families["confidence"]["kind"], families["filter"]["kind"]) == (
+        "oracle", "heuristic", "method"
+    )  # fmt: skip
+    assert len(families["filter"]["points"]) == 7
+    exported = json.loads((run / "export" / "dparallel.json").read_text())
+    assert (exported["component"], exported["decoding"]["rule"]) == ("filter", "filter")
+
+
 def test_joint_chain_records_exact_sequential_trajectories_and_trains_the_layer_on_them(tmp_path, capsys, monkeypatch):
     """The joint chain with a 1-prompt-per-task record stage: its records commit one token per forward by entropy
     (what the layer's training refuses otherwise), and the eval puts joint beside marginal at the same k."""

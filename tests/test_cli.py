@@ -192,3 +192,14 @@ def test_quickstart_runs_every_stage_and_prints_teacher_and_student(tmp_path, ca
     records = json.loads((tmp_path / "record" / "trajectories" / "manifest.json").read_text())
     assert records["decode"]["rule"] == "topk" and records["decode"]["cache"] == "none"
     assert (tmp_path / "distill" / "export" / "dparallel.json").is_file()
+
+
+def test_the_training_bar_updates_every_step_on_a_terminal_and_20_times_into_a_log(monkeypatch):
+    import sys
+
+    from dparallel.methods.base import bar_refresh_rate
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert (bar_refresh_rate(2000), bar_refresh_rate(7)) == (100, 1)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert bar_refresh_rate(2000) == 1

@@ -158,3 +158,10 @@ def test_the_export_decodes_with_the_evaluated_decoder_of_fewest_forwards_at_the
     chosen = best_decoder(cfg, report)
     assert chosen["rule"] == "entropy" and chosen["threshold"] == 0.2 and "name" not in chosen
     assert best_decoder(cfg, None) == {}
+    filt = load_recipe("recipes/tiny/filter.yaml")  # the oracle and the teacher's heuristics are not the filter's
+    names = [d.name for d in filt.eval.decoders]
+    rows = [{"decoder": n, "task": "macro", "accuracy": 0.9, "nfe": 20.0 - i} for i, n in enumerate(names)]
+    report = {"results": rows}
+    report["results"][names.index("oracle")].update(nfe=1.0)
+    report["results"][names.index("confidence-0.95")].update(nfe=2.0)
+    assert best_decoder(filt, report)["rule"] == "filter" and best_decoder(filt, report)["eot_stop"] == "accepted"

@@ -20,13 +20,13 @@ from dparallel.commands.recipe import load_recipe
 from dparallel.commands.train import train
 from dparallel.core.errors import DParallelError
 from dparallel.data.record import record
-from dparallel.data.trajectory import state_at
+from dparallel.data.trajectory import select_records, state_at
 from dparallel.engine.config import DecodeConfig
 from dparallel.engine.decoder import Decoder
 from dparallel.engine.oracle import OracleRule
-from dparallel.engine.rules import Proposal
+from dparallel.engine.rules import Proposal, TopK
 from dparallel.filters.learn2pd import build_examples, filter_loss, record_examples
-from dparallel.filters.rule import FilterHead, FilterRule, block_features
+from dparallel.filters.rule import FilterHead, FilterRule, block_features, conflicts
 
 SHAPE = dict(
     hidden_size=32,
@@ -93,6 +93,71 @@ def test_labels_and_features_from_a_hand_made_record():
     assert feats[4, 4:8].tolist() == [0.0, 1.0, 0.0, 1.0] and feats[4, 8:].tolist() == [0.25] * 4
 
 
+def test_conflicts_see_repeated_and_contested_proposals():
+    # W = 5; position 2 is committed to token 7; positions 0 and 1 both propose 5, 3 proposes 7, 4 proposes 9
+    proposed = torch.tensor([[5, 5, 4, 7, 9]])
+    block = torch.tensor([[0, 0, 7, 0, 0]])  # what the canvas holds (read at committed positions only)
+    masked = torch.tensor([[True, True, False, True, True]])
+    conf = torch.tensor([[0.5, 0.8, 1.0, 0.3, 0.3]])
+    c = conflicts({"proposed": proposed, "block": block, "conf": conf}, masked)
+    assert c["repeat"].tolist() == [[False, False, False, True, False]]  # 7 is already in the block
+    assert c["clash"].tolist() == [[True, False, False, False, False]]  # 1 proposes 5 more confidently than 0
+    x = block_features({"proposed": proposed, "block": block, "conf": conf}, masked, 0, ["repeat", "clash"])
+    assert x.tolist() == [[0, 0, 0, 1, 0, 1, 0, 0, 0, 0]]
+    with pytest.raises(DParallelError, match=r"conflict features need \['proposed', 'block'\]"):
+        block_features({"conf": conf}, masked, 0, ["clash"])
+
+
+def test_decoding_reads_exactly_the_features_training_reads(teacher, tmp_path):
+    """Record the shipped teacher one token per step with dense features, then replay the same decoder: at every
+    step the filter rule's input (statistics, mask, step, conflicts) equals the training example's."""
+    features = ["conf", "entropy", "margin", "mask", "step", "repeat", "clash"]
+    overrides = [f"run_dir={tmp_path}", "record.source.suite.n_per_task=1", "record.batch_size=1",
+                 "record.source.suite.tasks=[shuffle,distinct,sort,sum]", "model.device=cpu"]  # fmt: skip
+    cfg = load_recipe("recipes/tiny/record-features.yaml", overrides, command="record")
+    records = select_records(record(cfg), ["prompt_ids", "tokens", "order", "steps", "pred", "conf", "entropy",
+                                           "margin"], "", arrays=False)  # fmt: skip
+    rule = FilterRule(FilterHead(32, features), 0.5)
+    seen = []
+
+    class Replay(TopK):  # the recorded schedule, capturing the filter's input before each commit
+        def select(self, p: Proposal) -> torch.Tensor:
+            seen.append(rule.features(p)[0])
+            return super().select(p)
+
+    decode = DecodeConfig(**OmegaConf.to_container(cfg.decode))
+    for r in records:
+        seen.clear()
+        Decoder(teacher.adapter, decode, Replay(32, 1)).run([list(r["prompt_ids"])])
+        ex = record_examples(r, 32, ["conf", "entropy", "margin"], tokens_too=True)
+        stats = {k: torch.from_numpy(ex[k]) for k in ("conf", "entropy", "margin", "proposed", "block")}
+        trained = block_features(stats, torch.from_numpy(ex["masked"]), torch.from_numpy(ex["step"]), features)
+        assert len(seen) == r["steps"] and trained.shape == (r["steps"], 32 * 7)
+        torch.testing.assert_close(torch.stack(seen), trained, atol=2e-3, rtol=2e-3)  # statistics stored as fp16
+        assert torch.equal(torch.stack(seen)[:, 5 * 32 :], trained[:, 5 * 32 :])  # the conflicts exactly
+
+
+def test_oracle_records_replay_the_decode_committing_every_matching_position(tmp_path):
+    """record.oracle=true (Learn2PD's data): the same tokens as the plain record, in fewer steps, and every step
+    commits exactly the masked positions whose argmax already equals the final token (or, when none does, one)."""
+    base = ["record.source.suite.n_per_task=1", "record.source.suite.tasks=[shuffle,sum,sort]", "model.device=cpu"]
+    keys = ["tokens", "order", "steps", "pred"]
+    runs = {}
+    for oracle in (False, True):
+        overrides = [*base, f"run_dir={tmp_path / str(oracle)}", f"record.oracle={oracle}"]
+        cfg = load_recipe("recipes/tiny/record-features.yaml", overrides, command="record")
+        runs[oracle] = select_records(record(cfg), keys, "")
+    for plain, replay in zip(runs[False], runs[True]):
+        assert np.array_equal(plain["tokens"], replay["tokens"]) and replay["steps"] < plain["steps"]
+        for s in range(replay["steps"]):
+            masked, match = replay["order"] >= s, replay["pred"][s] == replay["tokens"]
+            committed = replay["order"] == s
+            if (masked & match).any():
+                assert np.array_equal(committed, masked & match)
+            else:
+                assert committed.sum() == 1  # the stall guard
+
+
 def test_loss_is_masked_bce_and_pinned():
     ex = build_examples([hand_record()], 4)
     torch.manual_seed(0)
@@ -143,7 +208,7 @@ def test_fit_three_steps_and_save_a_loadable_filter(recorded):
     assert {"train/loss", "val/precision", "val/recall", "val/fpr"} <= set(header.split(","))
     manifest = json.loads((model_dir / "dparallel.json").read_text())
     assert manifest["component"] == "filter" and manifest["family"] == "tiny"
-    assert manifest["base_model"]["path"] == str(root / "base") and manifest["threshold"] == 0.9
+    assert manifest["base_model"]["path"] == str(root / "base") and manifest["threshold"] == 0.97
     assert (manifest["block_length"], manifest["features"], manifest["ids"]["mask"]) == (8, ["conf", "mask", "step"], 1)
     assert manifest["vocab_size"] == 100 and set(manifest["metrics"]) >= {"precision", "recall", "fpr"}
     assert not (model_dir / "model.safetensors").exists()  # the head only, never the base
@@ -271,8 +336,12 @@ def test_recipes_follow_the_paper():
     assert (llada.decode.gen_length, llada.decode.block_length, list(llada.filter.features)) == (256, 32, ["conf"])
     tiny = load_recipe("recipes/tiny/filter.yaml")
     assert (tiny.decode.gen_length, tiny.decode.block_length, tiny.filter.hidden) == (32, 32, 64)
-    assert list(tiny.filter.features) == ["conf", "entropy", "margin", "mask", "step"]  # what docs/methods measured
-    assert "record.features=true" in Path("recipes/tiny/filter.yaml").read_text().split("\nname:")[0]
+    assert list(tiny.filter.features) == ["conf", "entropy", "margin", "mask", "step", "repeat", "clash"]  # measured
+    assert "recipes/tiny/record-features.yaml" in Path("recipes/tiny/filter.yaml").read_text().split("\nname:")[0]
+    records = load_recipe("recipes/tiny/record-features.yaml", command="record")
+    assert (records.record.features, records.decode.rule, records.decode.steps, records.decode.cache) == (
+        True, "topk", 32, "none"
+    )  # fmt: skip
 
 
 def test_token_statistics_and_entropy_margin_features():

@@ -34,6 +34,7 @@ class Chain:
 CHAINS = {
     "ar2diff": Chain(),
     "distill": Chain(record="record-seq.yaml", trajectories_key="distill.trajectories"),
+    "filter": Chain(record="record-features.yaml", trajectories_key="filter.trajectories"),
     "joint": Chain(record="record-sequential.yaml", trajectories_key="joint.trajectories"),
     "policy": Chain(),
 }

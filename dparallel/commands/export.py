@@ -80,11 +80,20 @@ def copy_tree(src: Path, dst: Path) -> None:
 
 def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
     """The decoding options of the run's evaluated decoder with the fewest forwards among those within ``margin``
-    of the best macro accuracy ({} without an eval): what a user of the export should decode with."""
+    of the best macro accuracy ({} without an eval): what a user of the export should decode with. Candidates are
+    the decoders on this model; the component's own rule (kind ``method``) when it was evaluated, and never an
+    ``oracle`` (it replays a reference answer: a ceiling, not a rule a user can run)."""
+    from dparallel.commands.frontier import decoder_kind
+
     if not report or "eval" not in cfg:
         return {}
     macro = {r["decoder"]: r for r in report.get("results", []) if r.get("task") == "macro"}
-    specs = {d.name: OmegaConf.to_container(d) for d in cfg.eval.decoders if d.name in macro and not d.get("model")}
+    own = [d for d in cfg.eval.decoders if d.name in macro and not d.get("model")]
+    reference = cfg.eval.get("reference")
+    kind = {d.name: decoder_kind(d.name, d.get("rule") or "topk", reference, d.get("kind")) for d in own}
+    runnable = [d for d in own if kind[d.name] != "oracle"]
+    candidates = [d for d in runnable if kind[d.name] == "method"] or runnable
+    specs = {d.name: OmegaConf.to_container(d) for d in candidates}
     if not specs:
         return {}
     best = max(macro[name]["accuracy"] for name in specs)

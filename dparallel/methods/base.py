@@ -208,6 +208,14 @@ class StepProgressBar(TQDMProgressBar):
         return metrics
 
 
+def bar_refresh_rate(max_steps: int) -> int:
+    """Steps between progress-bar updates: every step on a terminal; about 20 lines in all when stderr is a file
+    (a log of a 2,000-step run would otherwise hold 2,000 carriage-return updates)."""
+    import sys
+
+    return 1 if sys.stderr.isatty() else max(1, max_steps // 20)
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None = None) -> L.Trainer:
     """A Lightning Trainer from the recipe: checkpoints in RUN_DIR/checkpoints (``last.ckpt`` for resume),
     CSV logs in RUN_DIR/logs, wandb when asked."""
@@ -244,7 +252,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list | None =
         gradient_clip_val=t.grad_clip,
         log_every_n_steps=t.log_every,
         logger=loggers,
-        callbacks=[ckpt, StepProgressBar(), *(extra_callbacks or [])],
+        callbacks=[ckpt, StepProgressBar(refresh_rate=bar_refresh_rate(t.max_steps)), *(extra_callbacks or [])],
         plugins=[VerifiedCheckpointIO()],
         enable_model_summary=False,
         default_root_dir=str(run_dir),
