@@ -135,13 +135,14 @@ def test_model_card_parses_with_hub_metadata_and_eval_results(tmp_path):
         "eval": {"suite": "suite/test", "results": [
             {"decoder": "entropy-0.5", "task": "macro", "accuracy": 0.71, "nfe": 9.4},
             {"decoder": "entropy-0.5", "task": "copy", "accuracy": 1.0, "nfe": 2.0},
-        ]},
+            {"decoder": "oracle", "task": "macro", "accuracy": 0.8, "nfe": 3.0},
+        ], "frontier": {"families": {"oracle": {"kind": "oracle", "points": [{"decoder": "oracle"}]}}}},
     }  # fmt: skip
     (tmp_path / "README.md").write_text(model_card(manifest, tmp_path))
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "GSAI-ML/LLaDA-8B-Instruct" and card.data.library_name == "dparallel"
     assert card.data.license == "apache-2.0" and "distill" in card.data.tags
-    [result] = card.data.eval_results  # the macro row only
+    [result] = card.data.eval_results  # the macro row only, and never the oracle's
     assert result.metric_type == "accuracy" and result.metric_value == 0.71 and "NFE 9.4" in result.metric_name
     assert "dparallel.load(" in card.text and "PATH_OR_HUB_ID" not in card.text
 

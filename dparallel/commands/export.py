@@ -103,10 +103,14 @@ def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
 
 def card_data(manifest: dict, name: str, base: str):
     """Hub metadata (``huggingface_hub.ModelCardData``): base model (Hub ids only), license, library, tags, and
-    the eval's macro rows as model-index results."""
+    the eval's macro rows as model-index results (not an oracle's: it replays a reference, a ceiling, not a
+    result anyone can decode)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    rows = [r for r in ((manifest.get("eval") or {}).get("results") or []) if r.get("task") == "macro"]
+    report = manifest.get("eval") or {}
+    families = ((report.get("frontier") or {}).get("families") or {}).values()
+    oracles = {p["decoder"] for f in families if f.get("kind") == "oracle" for p in f.get("points", [])}
+    rows = [r for r in report.get("results") or [] if r.get("task") == "macro" and r["decoder"] not in oracles]
     results = [
         EvalResult(
             task_type="text-generation",
