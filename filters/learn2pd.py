@@ -89,10 +89,10 @@ def record_examples(
     s = np.arange(steps)[:, None]
     block_order = order[cols]
     block_start_step = block_order.min(axis=1)  # the row's first step in this block
-    tokens_at = {"proposed": pred[s, cols].astype(np.int64), "block": tokens[cols].astype(np.int64)}
+    at_step = {"proposed": pred[s, cols], "block": tokens[cols]} if tokens_too else {}  # each [S, W]
     return {
         **{k: np.asarray(record[k], dtype=np.float32)[s, cols] for k in stats},
-        **(tokens_at if tokens_too else {}),
+        **{k: v.astype(np.int64) for k, v in at_step.items()},
         "masked": block_order >= s,  # state_at(tokens, order, s) == MASK, without materialising the canvas
         "label": pred[s, cols] == tokens[cols],
         "step": np.arange(steps) - block_start_step,

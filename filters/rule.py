@@ -56,7 +56,7 @@ def block_features(
     by training and decoding, so both see exactly the same features."""
     n, w = masked.shape
     parts = []
-    clashes = conflicts(stats, masked) if any(f in CONFLICTS for f in features) else {}
+    found = conflicts(stats, masked) if reads_tokens(features) else {}
     for name in features:
         if name in STATISTICS:
             require(name in stats, f"filter feature {name!r} was not recorded: record again with record.features=true")
@@ -69,7 +69,7 @@ def block_features(
             s = torch.as_tensor(step, device=masked.device, dtype=torch.float32).reshape(-1, 1)
             parts.append((s / w).expand(n, w))
         elif name in CONFLICTS:
-            parts.append(clashes[name].float())
+            parts.append(found[name].float())
         else:
             raise DParallelError(f"unknown filter feature {name!r}: choose from {', '.join(FEATURES)}")
     return torch.cat(parts, dim=1)
