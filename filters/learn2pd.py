@@ -89,12 +89,13 @@ def record_examples(
     s = np.arange(steps)[:, None]
     block_order = order[cols]
     block_start_step = block_order.min(axis=1)  # the row's first step in this block
-    at_step = {"proposed": pred[s, cols], "block": tokens[cols]} if tokens_too else {}  # each [S, W]
+    proposed, final = pred[s, cols], tokens[cols]  # [S, W]: the argmax at step s, the block's final tokens
+    tokens_at = {"proposed": proposed.astype(np.int64), "block": final.astype(np.int64)} if tokens_too else {}
     return {
         **{k: np.asarray(record[k], dtype=np.float32)[s, cols] for k in stats},
-        **{k: v.astype(np.int64) for k, v in at_step.items()},
+        **tokens_at,
         "masked": block_order >= s,  # state_at(tokens, order, s) == MASK, without materialising the canvas
-        "label": pred[s, cols] == tokens[cols],
+        "label": proposed == final,
         "step": np.arange(steps) - block_start_step,
     }
 
