@@ -28,6 +28,9 @@ NOISE = ("block", "sample")
 CURRICULA = ("none", "grow", "jump")
 
 
+TARGETS = ("data", "parent")
+
+
 @dataclass
 class Ar2DiffConfig:
     source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="suite"))
@@ -57,6 +60,11 @@ class Ar2DiffConfig:
     """none | grow (block 1, 2, 4 ... block_size) | jump (1, then block_size)"""
     curriculum_steps: int = ranged(0, 0)
     """steps until the full block size"""
+    targets: str = "data"
+    """data (the source's answers) | parent (the parent's greedy answers: sequence-level distillation, one answer
+    per prompt where the data allows many; ar2diff/targets.py)"""
+    parent_prompts: int = ranged(6000, 1)
+    """targets=parent on the suite: train prompts per task that the parent answers"""
     save_dtype: str = "bfloat16"
     """dtype of the saved model"""
 
@@ -67,6 +75,7 @@ class Ar2DiffConfig:
         return self.context_causal or self.ar_loss_weight > 0
 
     def validate(self) -> None:
+        require(self.targets in TARGETS, f"ar2diff.targets={self.targets!r}: choose from {', '.join(TARGETS)}")
         require(self.noise in NOISE, f"ar2diff.noise={self.noise!r}: choose from {', '.join(NOISE)}")
         require(self.curriculum in CURRICULA, f"ar2diff.curriculum={self.curriculum!r}: use {', '.join(CURRICULA)}")
         require(0 <= self.position_slope <= 2, f"ar2diff.position_slope={self.position_slope} must be in [0, 2]")

@@ -25,15 +25,14 @@ from dparallel.methods.base import DParallelModule, prepare_for_training
 
 
 class ItemBatches(IterableDataset):
-    """Endless SFT batches from a custom source (``data.sources``): rows drawn by a seeded RNG per batch index,
-    answers cut to ``gen_length - 1`` tokens and EOS-padded; the same layout as ``SuiteBatches``."""
+    """Endless SFT batches from a list of (prompt, answer) items (a custom source, or the parent's answers): rows
+    drawn by a seeded RNG per batch index, answers cut to ``gen_length - 1`` tokens and EOS-padded; the same
+    layout as ``SuiteBatches``."""
 
-    def __init__(self, adapter, src, batch_size: int, gen_lengths: list[int], seed: int, rank: int, world: int, start):
-        from dparallel.data.sources import load_items
-
-        self.items = [it for it in load_items(src) if it.answer is not None]
+    def __init__(self, adapter, items, chat: bool, batch_size: int, gen_lengths: list[int], seed, rank, world, start):
+        self.items = [it for it in items if it.answer is not None]
         require(len(self.items) > 0, "the training source has no answer column: set source.answer_column")
-        self.adapter, self.chat = adapter, src.chat_template
+        self.adapter, self.chat = adapter, chat
         self.batch_size, self.gen_lengths, self.seed = batch_size, list(gen_lengths), seed
         self.rank, self.world, self.start = rank, world, start
 
@@ -53,20 +52,28 @@ class ItemBatches(IterableDataset):
             i += 1
 
 
-def train_loader(cfg: DictConfig, section: DictConfig, adapter, micro: int, start_batch: int) -> DataLoader:
-    """The synthetic suite (``source.kind=suite``) or a custom (prompt, answer) source, rank-sharded."""
+def train_loader(
+    cfg: DictConfig, section: DictConfig, adapter, micro: int, start_batch: int, items: list | None = None
+) -> DataLoader:
+    """The synthetic suite (``source.kind=suite``), a custom (prompt, answer) source, or ``items`` (the parent's
+    answers, ar2diff.targets=parent), rank-sharded."""
     from dparallel.core.runtime import rank_world
+    from dparallel.data.sources import load_items
 
     rank, world = rank_world()
     ids = adapter.ids
-    if section.source.kind == "suite":
+    chat = section.source.chat_template
+    if items is None and section.source.kind == "suite":
         stream = SuiteBatches(
             adapter.tokenizer, list(section.tasks), micro, list(section.gen_lengths), ids.eos, ids.pad,
             seed=cfg.train.seed, rank=rank, world=world, start_batch=start_batch,
         )  # fmt: skip
     else:
-        src = SourceConfig(**OmegaConf.to_container(section.source))
-        stream = ItemBatches(adapter, src, micro, list(section.gen_lengths), cfg.train.seed, rank, world, start_batch)
+        if items is None:
+            items = load_items(SourceConfig(**OmegaConf.to_container(section.source)))
+        stream = ItemBatches(
+            adapter, items, chat, micro, list(section.gen_lengths), cfg.train.seed, rank, world, start_batch
+        )
     return DataLoader(stream, batch_size=None, num_workers=cfg.train.num_workers)
 
 
@@ -148,10 +155,15 @@ def build_ar2diff(cfg: DictConfig, micro: int, start_batch: int):
         dtype=weights_dtype(cfg.model.dtype, cfg.model.device, frozen=cfg.lora.enabled),
         revision=cfg.model.revision,
     )
+    items = None
+    if s.targets == "parent":  # decoded before conversion: the parent's own answers (ar2diff/targets.py)
+        from dparallel.ar2diff.targets import parent_targets
+
+        items = parent_targets(parent, s, cfg.train.seed)
     adapter = convert(parent, s.block_size, s.context_causal or s.ar_loss_weight > 0, s.token_shift)
     adapter.model.train()
     prepare_for_training(adapter, cfg)
-    return BlockDiffusionModule(cfg, adapter), train_loader(cfg, s, adapter, micro, start_batch)
+    return BlockDiffusionModule(cfg, adapter), train_loader(cfg, s, adapter, micro, start_batch, items)
 
 
 def save_ar2diff(module: DParallelModule, cfg: DictConfig, out: Path) -> None:

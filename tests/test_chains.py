@@ -33,7 +33,8 @@ def run_small_chain(method: str, tmp_path: Path, capsys, monkeypatch) -> tuple[P
 
 
 def test_ar2diff_chain_converts_the_shipped_parent_and_evaluates_both_in_one_run(tmp_path, capsys):
-    args = ["quickstart", "ar2diff", f"run_dir={tmp_path}", "ar2diff.tasks=[copy]", *TOY_TRAIN, *TOY_EVAL]
+    toy = ["ar2diff.tasks=[copy]", "ar2diff.parent_prompts=4"]
+    args = ["quickstart", "ar2diff", f"run_dir={tmp_path}", *toy, *TOY_TRAIN, *TOY_EVAL]
     code, out, _ = run_cli(args, capsys)
     assert code == 0
     assert "dparallel quickstart ar2diff: train -> eval -> export" in out

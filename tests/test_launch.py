@@ -20,6 +20,7 @@ RECIPES = {
         "recipes/tiny/ar2diff.yaml",
         "ar2diff.gen_lengths=[32]",
         "ar2diff.tasks=[copy]",
+        "ar2diff.parent_prompts=4",
         "ar2diff.block_size=8",
         "eval.after_train=false",
     ],
