@@ -62,7 +62,6 @@ def train_loader(
 
     rank, world = rank_world()
     ids = adapter.ids
-    chat = section.source.chat_template
     if items is None and section.source.kind == "suite":
         stream = SuiteBatches(
             adapter.tokenizer, list(section.tasks), micro, list(section.gen_lengths), ids.eos, ids.pad,
@@ -71,6 +70,7 @@ def train_loader(
     else:
         if items is None:
             items = load_items(SourceConfig(**OmegaConf.to_container(section.source)))
+        chat = section.source.chat_template
         stream = ItemBatches(
             adapter, items, chat, micro, list(section.gen_lengths), cfg.train.seed, rank, world, start_batch
         )

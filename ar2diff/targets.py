@@ -15,10 +15,11 @@ with the parent) into a jsonl and train on it as ``ar2diff.source``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 
-from dparallel.core.errors import require
+from dparallel.data.config import RecordSuiteConfig, SourceConfig
 from dparallel.data.sources import Item, build_checker, load_items, resolve_kind
 
 DECODE_BATCH = 64  # prompts per parent decoding call
@@ -33,13 +34,10 @@ def pool_items(section, seed: int) -> list[list[Item]]:
     ~27,000 rows, was barely trained, and dropped from 0.72 to 0.43)."""
     if resolve_kind(section.source) != "suite":
         return [load_items(section.source)]
-    from dparallel.data.suite import make_split
-
-    groups = []
-    for task in section.tasks:
-        examples = make_split([task], "train", section.parent_prompts, seed)
-        groups.append([Item(f"{e.task}/train/{e.index}", e.prompt, e.answer, e.task) for e in examples])
-    return groups
+    suites = [
+        RecordSuiteConfig([task], split="train", n_per_task=section.parent_prompts, seed=seed) for task in section.tasks
+    ]
+    return [load_items(SourceConfig(kind="suite", suite=suite), dedup=False) for suite in suites]
 
 
 def parent_targets(parent, section, seed: int) -> list[Item]:
@@ -48,29 +46,25 @@ def parent_targets(parent, section, seed: int) -> list[Item]:
     adapter, before conversion."""
     from dparallel.engine.pipeline import Pipeline
 
-    pipeline = Pipeline(parent)
-    groups = pool_items(section, seed)
+    pipeline, groups, G = Pipeline(parent), pool_items(section, seed), max(section.gen_lengths)
     checker = build_checker("auto", section.source, [it for g in groups for it in g])
     start, items, kept = time.perf_counter(), [], 0
     for group in groups:
-        prompts = [it.prompt for it in group]
-        gens = pipeline.generate_ids(
-            prompts,
-            parent.encode(prompts, section.source.chat_template),
+        gens = pipeline.generate(
+            [it.prompt for it in group],
+            chat_template=section.source.chat_template,
             batch_size=DECODE_BATCH,
-            gen_length=max(section.gen_lengths),
-            block_length=max(section.gen_lengths),
+            gen_length=G,
+            block_length=G,
             temperature=0.0,
         )
         for item, gen in zip(group, gens):
             ok = checker is None or checker(item, gen.text)
             kept += ok
-            items.append(Item(item.id, item.prompt, gen.text if ok else item.answer, item.task))
-    items = [it for it in items if it.answer is not None]
-    require(len(items) > 0, "ar2diff.targets=parent: the parent answered no prompt the checker accepts")
+            items.append(dataclasses.replace(item, answer=gen.text) if ok else item)
     print(
         f"ar2diff targets=parent: {len(items):,} prompts answered by the parent in "
-        f"{time.perf_counter() - start:.0f}s; {kept / max(len(items), 1):.1%} kept (the rest keep the data's answer)",
+        f"{time.perf_counter() - start:.0f}s; {kept / len(items):.1%} kept (the rest keep the data's answer)",
         file=sys.stderr,
     )
     return items
