@@ -12,18 +12,18 @@ from torch import nn
 from dparallel.adapters.folder import read_manifest
 from dparallel.core.errors import DParallelError, require
 from dparallel.engine.components import load_weights
-from dparallel.engine.rules import Proposal, Rule, best_masked, token_statistics
-
-STATISTICS = ("conf", "entropy", "margin")  # recorded per step (engine.rules.token_statistics)
-
-
-CONFLICTS = ("repeat", "clash")  # read the block's tokens: see :func:`conflicts`
-
+from dparallel.engine.rules import (
+    CERTAIN,
+    CONFLICTS,
+    STATISTICS,
+    Proposal,
+    Rule,
+    best_masked,
+    conflicts,
+    token_statistics,
+)
 
 FEATURES = (*STATISTICS, "mask", "position", "step", *CONFLICTS)
-
-
-CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
 
 
 COMPONENT = "filter"
@@ -73,30 +73,6 @@ def block_features(
         else:
             raise DParallelError(f"unknown filter feature {name!r}: choose from {', '.join(FEATURES)}")
     return torch.cat(parts, dim=1)
-
-
-def conflicts(stats: dict[str, torch.Tensor], masked: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Where committing a masked position's proposal would repeat a token of the block, each [N, W] bool.
-
-    ``stats["proposed"]`` [N, W]: the token each position would commit (the argmax); ``stats["block"]`` [N, W]: the
-    block's current tokens (read at committed positions only); ``stats["conf"]``: the proposals' max probability.
-
-    - ``repeat``: the proposal equals a token already committed elsewhere in the block;
-    - ``clash``: another masked position proposes the same token with a higher max probability (in float16; ties:
-      neither).
-
-    Parallel decoding fails by repetition (two positions of a permutation both taking the likeliest item);
-    confidences alone cannot see it, the tokens can. Committed positions have no conflict."""
-    missing = [k for k in ("proposed", "block", "conf") if k not in stats]
-    require(not missing, f"the filter's conflict features need {missing}: record again with record.features=true")
-    # compared at float16, the precision records store: decoding (float32) and training then agree on near-ties
-    proposed, conf = stats["proposed"], stats["conf"].half()
-    current = torch.where(masked, proposed, stats["block"])  # [N, W]: what each position holds or would hold
-    same = proposed[:, :, None] == current[:, None, :]  # [N, W(i), W(j)]: i's proposal is j's token
-    same &= ~torch.eye(masked.shape[1], dtype=torch.bool, device=masked.device)
-    repeat = (same & ~masked[:, None, :]).any(-1)
-    clash = (same & masked[:, None, :] & (conf[:, None, :] > conf[:, :, None])).any(-1)
-    return {"repeat": repeat & masked, "clash": clash & masked}
 
 
 def statistics_of(features: Sequence[str]) -> list[str]:

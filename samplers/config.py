@@ -66,7 +66,7 @@ class PolicyConfig:
     max_grad_norm: float = ranged(1.0, 0)
     """clip the policy's gradient norm (0: off); train.grad_clip must be 0 (manual opt)"""
     features: list[str] = field(default_factory=lambda: ["conf"])
-    """conf | entropy | margin"""
+    """conf | entropy | margin (the dLLM's statistics) | repeat | clash (its proposal's conflicts)"""
     topk: int = ranged(0, 0)
     """also the k largest probabilities (0: off)"""
     dim: int = ranged(128, 1)

@@ -5,8 +5,11 @@ State at a step: the answer canvas (length L) of one row. Per position ``i``:
 
 - features ``f_i`` from the dLLM's softmax at this forward (:func:`dparallel.engine.rules.token_statistics`:
   ``conf`` = max probability by default; ``entropy``, ``margin`` and the ``topk`` largest probabilities
-  optionally); committed positions read as certain (conf 1, entropy 0, margin 1, top-k = [1, 0, ...]), so the
-  policy needs no logits outside the forward's span and does not depend on the vocabulary;
+  optionally), and the conflicts of its proposal (``repeat``: the argmax is already committed elsewhere on the
+  canvas; ``clash``: a more confident masked position proposes the same token): what parallel decoding breaks on
+  many-answers tasks, and what confidences alone cannot see; committed positions read as certain (conf 1,
+  entropy 0, margin 1, no conflict, top-k = [1, 0, ...]), so the policy needs no logits outside the forward's
+  span and does not depend on the vocabulary;
 - the mask bit ``m_i`` and the time ``t = forward passes used / L``: they condition the block through AdaLN.
 
 Network (DiT-style): ``h = Linear(F -> d)(f)``; ``c = MLP([m_i, t])`` [L, d]; one transformer block whose two
@@ -31,11 +34,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from dparallel.core.errors import require
-from dparallel.engine.rules import Proposal, Rule, StepContext, best_masked, token_statistics
+from dparallel.engine.rules import (
+    CERTAIN,
+    CONFLICTS,
+    STATISTICS,
+    Proposal,
+    Rule,
+    StepContext,
+    best_masked,
+    conflicts,
+    token_statistics,
+)
 
-STATISTICS = ("conf", "entropy", "margin")
+FEATURES = (*STATISTICS, *CONFLICTS)
 TIE = 1e-4  # policy logits closer than this are a tie for the fallback commit (lowest index wins)
-CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as
 
 
 class UnmaskingPolicy(nn.Module):
@@ -51,8 +63,8 @@ class UnmaskingPolicy(nn.Module):
         init_bias: float = -2.0,
     ):
         super().__init__()
-        bad = [f for f in features if f not in STATISTICS]
-        require(not bad, f"policy.features={list(features)}: choose from {', '.join(STATISTICS)}")
+        bad = [f for f in features if f not in FEATURES]
+        require(not bad, f"policy.features={list(features)}: choose from {', '.join(FEATURES)}")
         require(len(features) + topk > 0, "the policy needs at least one feature (policy.features or policy.topk)")
         require(topk == 0 or topk >= 2, f"policy.topk={topk}: use 0 (off) or >= 2 probabilities")
         require(dim % heads == 0, f"policy.dim={dim} is not divisible by policy.heads={heads}")
@@ -77,15 +89,22 @@ class UnmaskingPolicy(nn.Module):
         return len(self.features) + self.topk
 
     def certain(self, device=None) -> torch.Tensor:
-        """[F] what a committed position reads as: conf 1, entropy 0, margin 1, top-k probabilities [1, 0, ...]."""
-        values = [CERTAIN[name] for name in self.features] + [1.0] * min(self.topk, 1) + [0.0] * max(self.topk - 1, 0)
+        """[F] what a committed position reads as: conf 1, entropy 0, margin 1, no conflict, top-k probabilities
+        [1, 0, ...]."""
+        values = [CERTAIN.get(name, 0.0) for name in self.features]
+        values += [1.0] * min(self.topk, 1) + [0.0] * max(self.topk - 1, 0)
         return torch.tensor(values, device=device)
 
-    def features_of(self, logits: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """The per-position inputs [B, S, F] from logits [B, S, V]; committed (``~masked``) positions read as
-        certain. Shared by decoding and training (the rollout records exactly these numbers)."""
+    def features_of(self, logits: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The per-position inputs [B, S, F] from logits [B, S, V] and the canvas ``tokens`` [B, S] they cover;
+        committed (``~masked``) positions read as certain. ``repeat``/``clash`` compare each masked position's
+        argmax (the proposal at temperature 0) with the committed tokens and the other proposals
+        (:func:`~dparallel.engine.rules.conflicts`). Shared by decoding and training (the rollout records exactly
+        these numbers)."""
         stats = token_statistics(logits) if self.features else {}
-        parts = [stats[name] for name in self.features]
+        if any(f in CONFLICTS for f in self.features):
+            stats.update(conflicts({"proposed": logits.argmax(-1), "block": tokens, "conf": stats["conf"]}, masked))
+        parts = [stats[name].float() for name in self.features]
         if self.topk:
             parts.extend(torch.softmax(logits.float(), dim=-1).topk(self.topk, dim=-1).values.unbind(-1))
         feats = torch.stack(parts, dim=-1)  # [B, S, F]
@@ -174,8 +193,9 @@ class PolicyRule(Rule):
         # zeros when masked; the covered span gets the real statistics
         feats = torch.where(masked[..., None], 0.0, self.policy.certain(masked.device)).expand(n, length, -1).clone()
         lo, hi = max(first, width), first + ctx.logits.shape[1]
-        feats[:, lo - width : hi - width] = self.policy.features_of(
-            ctx.logits[:, lo - first : hi - first], masked[:, lo - width : hi - width]
+        span = slice(lo - width, hi - width)
+        feats[:, span] = self.policy.features_of(
+            ctx.logits[:, lo - first : hi - first], masked[:, span], ctx.x[:, lo:hi]
         )
         return feats, masked, ctx.nfe.float() / length
 

@@ -19,6 +19,7 @@ from dparallel.commands.export import export_run
 from dparallel.commands.recipe import load_recipe
 from dparallel.commands.train import train
 from dparallel.core.errors import DParallelError
+from dparallel.data.suite import make_example
 from dparallel.engine.config import DecodeConfig
 from dparallel.engine.decoder import Decoder
 from dparallel.engine.rules import Confidence, Proposal, StepContext
@@ -39,10 +40,10 @@ PROMPTS = ["copy: abcdefghijklmnopqr\n", "reverse: qwertyuiopasdfgh\n", "sum: 3 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def random_policy(seed: int = 0, std: float = 2.0) -> UnmaskingPolicy:
+def random_policy(seed: int = 0, std: float = 2.0, features: tuple[str, ...] = ("conf",)) -> UnmaskingPolicy:
     """A policy whose head reads its features (the fresh head is zero: every logit is the bias)."""
     torch.manual_seed(seed)
-    policy = UnmaskingPolicy()
+    policy = UnmaskingPolicy(features)
     torch.nn.init.normal_(policy.head.weight, std=std)
     torch.nn.init.normal_(policy.modulation[1].weight, std=0.05)
     return policy.eval()
@@ -62,13 +63,26 @@ def test_parameter_count_and_slow_start():
 def test_features_read_committed_positions_as_certain():
     policy = UnmaskingPolicy(["conf", "entropy", "margin"], topk=2)
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    feats = policy.features_of(logits, torch.tensor([[True, False]]))
+    feats = policy.features_of(logits, torch.tensor([[True, False]]), torch.tensor([[0, 2]]))
     p = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
     entropy = float(-(p * p.log()).sum())
     want = torch.tensor([[[p[0], entropy, p[0] - p[1], p[0], p[1]], [1.0, 0.0, 1.0, 1.0, 0.0]]])
     assert torch.allclose(feats, want)
     with pytest.raises(DParallelError, match="policy.features"):
         UnmaskingPolicy(["loss"])
+
+
+def test_conflict_features_see_repeats_and_clashes_on_the_canvas():
+    """Canvas [committed 'a', masked -> 'a' (repeat), masked -> 'b' at 0.9, masked -> 'b' at 0.6 (clash),
+    committed 'c']: the policy reads the same conflicts as the filter, committed positions read none."""
+    policy = UnmaskingPolicy(["conf", "repeat", "clash"])
+    rows = [[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 5.0]]
+    logits = torch.tensor([rows])  # [1, 5, 3]: the argmax proposals are a, a, b, b, c
+    masked = torch.tensor([[False, True, True, True, False]])
+    feats = policy.features_of(logits, masked, torch.tensor([[0, 9, 9, 9, 2]]))
+    assert feats[0, :, 1].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]  # repeat: only position 1 ('a' is committed)
+    assert feats[0, :, 2].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]  # clash: the less confident 'b'
+    assert feats[0, [0, 4], 0].tolist() == [1.0, 1.0]  # committed: certain
 
 
 # ---- rewards, advantages, the loss ---------------------------------------------------------------------------
@@ -241,6 +255,27 @@ def test_batched_equals_unbatched(teacher):
         assert torch.equal(one[0], tokens[i]) and torch.equal(one_order[0], order[i]) and one_stats[0].nfe == nfe[i]
 
 
+def test_conflict_features_decode_batched_equals_unbatched(teacher):
+    """A policy that reads repeat/clash (the canvas's tokens, not only statistics) is batch invariant too; on the
+    many-answers tasks (where the proposals clash) its commits hinge on the conflicts."""
+    prompts = [
+        make_example(task, "test", 0).prompt for task in ("shuffle", "distinct", "latin_square", "insert_random")
+    ]
+    ids = teacher.adapter.encode(prompts)
+    config = DecodeConfig(rule="policy", gen_length=32, block_length=32)
+    policy = random_policy(4, std=0.3, features=("conf", "repeat", "clash"))
+    torch.nn.init.constant_(policy.head.bias, -1.0)
+
+    def run(rows):
+        return Decoder(teacher.adapter, config, rule=PolicyRule(policy, teacher.adapter.ids.mask)).run(rows)
+
+    tokens, _, stats = run(ids)
+    assert [s.nfe for s in stats] == [3, 4, 3, 14]  # the same head on `conf` alone: 32 steps each
+    for i, row in enumerate(ids):
+        one, _, one_stats = run([row])
+        assert torch.equal(one[0], tokens[i]) and one_stats[0].nfe == stats[i].nfe
+
+
 # ---- training, export, portability ---------------------------------------------------------------------------
 def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
     run = tmp_path / "run"
@@ -258,7 +293,7 @@ def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
     header = (run / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train/reward", "train/accuracy", "train/nfe", "train/unmask_rate", "train/loss"} <= set(header)
     manifest = json.loads((model_dir / "dparallel.json").read_text())
-    assert manifest["component"] == "policy" and manifest["policy"]["dim"] == 128 and manifest["threshold"] == 0.5
+    assert manifest["component"] == "policy" and manifest["policy"]["dim"] == 128 and manifest["threshold"] == 0.9
     assert manifest["trained"]["gen_length"] == 16 and manifest["decoding"]["rule"] == "policy"
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert set(state) == {k for k in state if k.startswith("policy.")}  # the base is not in the checkpoint
@@ -285,6 +320,46 @@ def test_fit_two_steps_export_and_load_in_a_fresh_process(tmp_path, teacher):
     for block in (32, 8):
         out = gen.generate(PROMPTS, gen_length=32, block_length=block)
         assert all(len(o.tokens) == 32 and mask not in o.tokens and o.stats.nfe <= 32 for o in out)
+
+
+def test_a_component_attaches_to_the_eval_model_as_to_its_own_base(tmp_path, teacher):
+    """An eval decoder with ``component:`` (the policy on the eval's model) decodes exactly as one with ``model:``
+    (the policy loaded onto the base its folder names), at the component's exported threshold unless the spec sets
+    one; a folder that is not a component is refused."""
+    from dparallel.commands.evaluate import decoder_points, evaluate
+    from dparallel.engine.components import save_component
+
+    policy = random_policy(4, std=0.3, features=("conf", "repeat", "clash"))
+    torch.nn.init.constant_(policy.head.bias, -1.0)
+    shape = {"features": ["conf", "repeat", "clash"], "topk": 0, "dim": 128, "ffn": 512, "heads": 2, "init_bias": -1.0}
+    base = OmegaConf.create({"name": "p", "model": {"path": "builtin:tiny-teacher", "revision": None}})
+    decoding = {"rule": "policy", "gen_length": 32, "block_length": 32}
+    fields = {"policy": shape, "threshold": 0.2}
+    save_component(tmp_path / "p", "policy", policy, teacher.adapter, base, fields, decoding)
+    cfg = OmegaConf.create(
+        {"suite": {"tasks": ["shuffle", "distinct"], "split": "test", "n_per_task": 2, "seed": 0}, "batch_size": 4}
+    )
+    cfg.decoders = [
+        {"name": "own-base", "model": str(tmp_path / "p"), "rule": "policy"},
+        {"name": "attached", "component": str(tmp_path / "p"), "rule": "policy"},
+        {"name": "at-0.2", "component": str(tmp_path / "p"), "rule": "policy", "threshold": 0.2},
+        {"name": "at-0.9", "component": str(tmp_path / "p"), "rule": "policy", "threshold": 0.9},
+    ]
+    rows = {(r["decoder"], r["task"]): r for r in evaluate(teacher, cfg, progress=False, load_model=dparallel.load)}
+    for task in ("shuffle", "distinct", "macro"):
+        own, attached = rows[("own-base", task)], rows[("attached", task)]
+        assert (own["accuracy"], own["nfe"]) == (attached["accuracy"], attached["nfe"])
+    # no threshold in the spec: the component's exported 0.2, not DecodeConfig's 0.9
+    assert [rows[(name, "macro")]["nfe"] for name in ("attached", "at-0.2", "at-0.9")] == [4.0, 4.0, 32.0]
+    cfg.reference = "own-base"
+    point = decoder_points(cfg, "builtin:tiny-teacher")[1]
+    assert (point["frontier"], point["kind"], point["model"]) == (
+        f"policy@{tmp_path / 'p'}",
+        "method",
+        str(tmp_path / "p"),
+    )
+    with pytest.raises(DParallelError, match="is not a component"):
+        teacher.with_component("builtin:tiny-teacher")
 
 
 def test_policy_rule_needs_a_component(teacher):

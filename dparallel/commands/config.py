@@ -9,7 +9,14 @@ from dparallel.core.fields import ranged
 from dparallel.data.config import SuiteConfig
 from dparallel.engine.config import DecodeConfig
 
-SPEC_ONLY = ("name", "reference", "frontier", "kind", "model")  # DecoderSpec keys that are not decoding options
+# DecoderSpec keys that are not decoding options
+SPEC_ONLY = ("name", "reference", "frontier", "kind", "model", "component")
+
+
+def decode_options(spec: dict) -> dict:
+    """A decoder spec's decoding options: its keys but :data:`SPEC_ONLY`, and no unset ``threshold`` (the model's
+    or component's exported threshold applies then, else :class:`DecodeConfig`'s)."""
+    return {k: v for k, v in spec.items() if k not in SPEC_ONLY and not (k == "threshold" and v is None)}
 
 
 @dataclass
@@ -17,6 +24,8 @@ class DecoderSpec(DecodeConfig):
     """One named decoder in an eval: a DecodeConfig plus a display name."""
 
     name: str = "sequential"
+    threshold: float | None = None
+    """the rule's threshold; unset: the model's or component's own (a filter's, a policy's), else 0.9"""
     reference: str | None = None
     """rule=oracle: the decoder (earlier in this list) whose outputs it replays"""
     frontier: str | None = None
@@ -25,6 +34,8 @@ class DecoderSpec(DecodeConfig):
     """reference | heuristic | method | oracle (default: from the rule and eval.reference)"""
     model: str | None = None
     """decode with this model (a student, a component folder) instead of model.path"""
+    component: str | None = None
+    """attach this component folder to the decoder's model (model, else model.path) instead of its own base"""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from dparallel.commands.config import SPEC_ONLY
+from dparallel.commands.config import decode_options
 from dparallel.commands.frontier import decoder_kind, frontier_table, wilson_interval
 from dparallel.commands.recipe import open_run_dir
 from dparallel.core.errors import require
@@ -67,13 +67,14 @@ def evaluate(
     with ``task`` = the family's name, and one ``macro`` row per decoder.
 
     A decoder spec with ``model`` decodes with that model instead (a student, a component folder), loaded once by
-    ``load_model``: the teacher's heuristics and a method's points then share one run and the same prompts."""
+    ``load_model``: the teacher's heuristics and a method's points then share one run and the same prompts. One
+    with ``component`` attaches that component folder to its model (:meth:`Pipeline.with_component`)."""
     suite = eval_cfg.suite
     examples = make_split(list(suite.tasks), suite.split, suite.n_per_task, suite.seed)
     prompts = [e.prompt for e in examples]
     answers = generator.adapter.tokenizer([e.answer for e in examples], add_special_tokens=False).input_ids
     answer_len = [len(a) for a in answers]
-    generators: dict[str | None, Pipeline] = {None: generator}
+    generators: dict[tuple[str | None, str | None], Pipeline] = {(None, None): generator}
     ids: dict[str | None, list[list[int]]] = {}
     rows, outputs, warned = [], {}, set()
     tasks = list(dict.fromkeys(e.task for e in examples))
@@ -82,11 +83,8 @@ def evaluate(
     for spec in eval_cfg.decoders:
         spec = OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec)
         name, reference, model = spec["name"], spec.get("reference"), spec.get("model")
-        spec = {k: v for k, v in spec.items() if k not in SPEC_ONLY}
-        if model not in generators:
-            require(load_model is not None, f"decoder {name} names model={model!r}: evaluate it through `eval`")
-            generators[model] = load_model(model)
-        gen_model = generators[model]
+        gen_model = _pipeline(generators, model, spec.get("component"), load_model, name)
+        spec = decode_options(spec)
         ids.setdefault(model, gen_model.adapter.encode(prompts))
         bar.set_postfix_str(name)
         gens, walls = _decode_by_task(
@@ -108,6 +106,17 @@ def evaluate(
             )
     bar.close()
     return rows
+
+
+def _pipeline(generators: dict, model: str | None, component: str | None, load_model, name: str) -> Pipeline:
+    """The pipeline a decoder decodes with: its ``model`` (None: the eval's; loaded once), with its ``component``
+    attached (one pipeline per pair: attaching never changes the model's own pipeline)."""
+    if (model, None) not in generators:
+        require(load_model is not None, f"decoder {name} names model={model!r}: evaluate it through `eval`")
+        generators[(model, None)] = load_model(model)
+    if (model, component) not in generators:
+        generators[(model, component)] = generators[(model, None)].with_component(component)
+    return generators[(model, component)]
 
 
 def _decode_by_task(gen_model, examples, prompts, ids, spec, batch_size, outputs, reference, bar):
@@ -178,11 +187,12 @@ def _decoder_rows(
 
 def decoder_points(eval_cfg: DictConfig, model: str) -> list[dict]:
     """Each decoder's frontier family, kind and model, for :func:`~dparallel.frontier.frontier`. Defaults: the
-    family is the rule (``RULE@MODEL`` for a decoder on another model than the eval's), the kind follows the rule
-    (a decoder on another model is a ``method`` point), the reference decoder is its own family."""
+    family is the rule (``RULE@MODEL`` for a decoder on another model than the eval's or with a component, which
+    then names the point's model), the kind follows the rule (a decoder on another model is a ``method`` point),
+    the reference decoder is its own family."""
     points = []
     for spec in eval_cfg.decoders:
-        rule, other = spec.get("rule") or "topk", spec.get("model")
+        rule, other = spec.get("rule") or "topk", spec.get("component") or spec.get("model")
         kind = decoder_kind(spec.name, rule, eval_cfg.reference, spec.get("kind"), other_model=bool(other))
         family = spec.get("frontier") or (spec.name if kind == "reference" else f"{rule}@{other}" if other else rule)
         points.append({"name": spec.name, "frontier": family, "kind": kind, "model": other or model})
@@ -282,7 +292,7 @@ def evaluate_into(cfg: DictConfig, run_dir: Path, model_path: str, generator: Pi
 
     validate_tasks(list(cfg.eval.suite.tasks))  # fail before loading any weights
     for spec in cfg.eval.decoders:
-        DecodeConfig(**{k: v for k, v in OmegaConf.to_container(spec).items() if k not in SPEC_ONLY}).validate()
+        DecodeConfig(**decode_options(OmegaConf.to_container(spec))).validate()
     generator = generator or load(
         model_path,
         family=cfg.model.family,

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from dparallel.adapters.folder import ADAPTER_DIR, MANIFEST
-from dparallel.commands.config import SPEC_ONLY
+from dparallel.commands.config import decode_options
 from dparallel.core.errors import DParallelError, first_line, require
 from dparallel.core.io import atomic_dir, atomic_write_json, atomic_write_text
 from dparallel.core.registry import component_of
@@ -88,7 +88,7 @@ def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
     if not report or "eval" not in cfg:
         return {}
     macro = {r["decoder"]: r for r in report.get("results", []) if r.get("task") == "macro"}
-    own = [d for d in cfg.eval.decoders if d.name in macro and not d.get("model")]
+    own = [d for d in cfg.eval.decoders if d.name in macro and not d.get("model") and not d.get("component")]
     reference = cfg.eval.get("reference")
     kind = {d.name: decoder_kind(d.name, d.get("rule") or "topk", reference, d.get("kind")) for d in own}
     runnable = [d for d in own if kind[d.name] != "oracle"]
@@ -98,7 +98,7 @@ def best_decoder(cfg, report: dict | None, margin: float = 0.01) -> dict:
         return {}
     best = max(macro[name]["accuracy"] for name in specs)
     pick = min((n for n in specs if macro[n]["accuracy"] >= best - margin), key=lambda n: macro[n]["nfe"])
-    return {k: v for k, v in specs[pick].items() if k not in SPEC_ONLY}
+    return decode_options(specs[pick])
 
 
 def card_data(manifest: dict, name: str, base: str):

@@ -39,6 +39,22 @@ class Pipeline:
         self.rules: dict = {}
         self.components: dict[str, dict] = {}
 
+    def with_component(self, folder: str) -> Pipeline:
+        """A pipeline on this model with the component at ``folder`` attached (a filter, a joint layer, a policy),
+        checked against this model: a component trained on one base decodes another base of the same family,
+        vocabulary and mask id (a policy trained on one teacher, run on its fine-tuned successor). Its decoding
+        defaults apply; this pipeline is left as it is."""
+        from dparallel.engine.components import attach
+
+        manifest = read_manifest(resolve_path(folder))
+        require(
+            manifest.get("component") not in (None, "base", "student"),
+            f"{folder} is not a component (its dparallel.json has no component: filter, joint or policy)",
+        )
+        gen = Pipeline(self.adapter, {**self.defaults, **(manifest.get("decoding") or {})})
+        attach(gen, resolve_path(folder), manifest)
+        return gen
+
     def decode_config(self, **overrides) -> DecodeConfig:
         unknown = set(overrides) - DECODE_KEYS
         require(not unknown, f"unknown decoding option(s) {sorted(unknown)}: use {', '.join(sorted(DECODE_KEYS))}")

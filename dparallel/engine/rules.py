@@ -93,6 +93,39 @@ def token_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+STATISTICS = ("conf", "entropy", "margin")  # the keys of :func:`token_statistics`
+
+
+CERTAIN = {"conf": 1.0, "entropy": 0.0, "margin": 1.0}  # what a committed position reads as (filter, policy)
+
+
+CONFLICTS = ("repeat", "clash")  # features that read the block's tokens: see :func:`conflicts`
+
+
+def conflicts(stats: dict[str, torch.Tensor], masked: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where committing a masked position's proposal would repeat a token of the block, each [N, W] bool.
+
+    ``stats["proposed"]`` [N, W]: the token each position would commit (the argmax); ``stats["block"]`` [N, W]: the
+    block's current tokens (read at committed positions only); ``stats["conf"]``: the proposals' max probability.
+
+    - ``repeat``: the proposal equals a token already committed elsewhere in the block;
+    - ``clash``: another masked position proposes the same token with a higher max probability (in float16; ties:
+      neither).
+
+    Parallel decoding fails by repetition (two positions of a permutation both taking the likeliest item);
+    confidences alone cannot see it, the tokens can. Committed positions have no conflict."""
+    missing = [k for k in ("proposed", "block", "conf") if k not in stats]
+    require(not missing, f"the conflict features need {missing}: record again with record.features=true")
+    # compared at float16, the precision records store: decoding (float32) and training then agree on near-ties
+    proposed, conf = stats["proposed"], stats["conf"].half()
+    current = torch.where(masked, proposed, stats["block"])  # [N, W]: what each position holds or would hold
+    same = proposed[:, :, None] == current[:, None, :]  # [N, W(i), W(j)]: i's proposal is j's token
+    same &= ~torch.eye(masked.shape[1], dtype=torch.bool, device=masked.device)
+    repeat = (same & ~masked[:, None, :]).any(-1)
+    clash = (same & masked[:, None, :] & (conf[:, None, :] > conf[:, :, None])).any(-1)
+    return {"repeat": repeat & masked, "clash": clash & masked}
+
+
 def rank_in_row(score: torch.Tensor) -> torch.Tensor:
     """[B, W] -> [B, W] rank of each entry when its row is sorted by descending score (0 = best)."""
     order = score.argsort(dim=1, descending=True, stable=True)
