@@ -24,9 +24,9 @@ from dparallel.data.trajectory import select_records, state_at
 from dparallel.engine.config import DecodeConfig
 from dparallel.engine.decoder import Decoder
 from dparallel.engine.oracle import OracleRule
-from dparallel.engine.rules import Proposal, TopK
+from dparallel.engine.rules import Proposal, TopK, conflicts
 from dparallel.filters.learn2pd import build_examples, filter_loss, record_examples
-from dparallel.filters.rule import FilterHead, FilterRule, block_features, conflicts
+from dparallel.filters.rule import FilterHead, FilterRule, block_features
 
 SHAPE = dict(
     hidden_size=32,
