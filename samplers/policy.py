@@ -95,15 +95,22 @@ class UnmaskingPolicy(nn.Module):
         values += [1.0] * min(self.topk, 1) + [0.0] * max(self.topk - 1, 0)
         return torch.tensor(values, device=device)
 
-    def features_of(self, logits: torch.Tensor, masked: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The per-position inputs [B, S, F] from logits [B, S, V] and the canvas ``tokens`` [B, S] they cover;
-        committed (``~masked``) positions read as certain. ``repeat``/``clash`` compare each masked position's
-        argmax (the proposal at temperature 0) with the committed tokens and the other proposals
+    def features_of(
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        canvas: torch.Tensor | None = None,
+        proposed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The per-position inputs [B, S, F] from logits [B, S, V]; committed (``~masked``) positions read as
+        certain. ``repeat``/``clash`` compare each masked position's ``proposed`` token [B, S] (the decoder's
+        candidate) with the committed tokens of ``canvas`` [B, S] and the other proposals
         (:func:`~dparallel.engine.rules.conflicts`). Shared by decoding and training (the rollout records exactly
         these numbers)."""
         stats = token_statistics(logits) if self.features else {}
         if any(f in CONFLICTS for f in self.features):
-            stats.update(conflicts({"proposed": logits.argmax(-1), "block": tokens, "conf": stats["conf"]}, masked))
+            require(canvas is not None and proposed is not None, "the conflict features need the canvas and proposals")
+            stats.update(conflicts({"proposed": proposed, "block": canvas, "conf": stats["conf"]}, masked))
         parts = [stats[name].float() for name in self.features]
         if self.topk:
             parts.extend(torch.softmax(logits.float(), dim=-1).topk(self.topk, dim=-1).values.unbind(-1))
@@ -194,9 +201,9 @@ class PolicyRule(Rule):
         feats = torch.where(masked[..., None], 0.0, self.policy.certain(masked.device)).expand(n, length, -1).clone()
         lo, hi = max(first, width), first + ctx.logits.shape[1]
         span = slice(lo - width, hi - width)
-        feats[:, span] = self.policy.features_of(
-            ctx.logits[:, lo - first : hi - first], masked[:, span], ctx.x[:, lo:hi]
-        )
+        covered = slice(lo - first, hi - first)
+        proposed = ctx.proposed[:, covered] if ctx.proposed is not None else None
+        feats[:, span] = self.policy.features_of(ctx.logits[:, covered], masked[:, span], ctx.x[:, lo:hi], proposed)
         return feats, masked, ctx.nfe.float() / length
 
     def select(self, p: Proposal) -> torch.Tensor:

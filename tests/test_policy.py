@@ -63,7 +63,7 @@ def test_parameter_count_and_slow_start():
 def test_features_read_committed_positions_as_certain():
     policy = UnmaskingPolicy(["conf", "entropy", "margin"], topk=2)
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
-    feats = policy.features_of(logits, torch.tensor([[True, False]]), torch.tensor([[0, 2]]))
+    feats = policy.features_of(logits, torch.tensor([[True, False]]))
     p = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
     entropy = float(-(p * p.log()).sum())
     want = torch.tensor([[[p[0], entropy, p[0] - p[1], p[0], p[1]], [1.0, 0.0, 1.0, 1.0, 0.0]]])
@@ -79,7 +79,7 @@ def test_conflict_features_see_repeats_and_clashes_on_the_canvas():
     rows = [[5.0, 0.0, 0.0], [4.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 5.0]]
     logits = torch.tensor([rows])  # [1, 5, 3]: the argmax proposals are a, a, b, b, c
     masked = torch.tensor([[False, True, True, True, False]])
-    feats = policy.features_of(logits, masked, torch.tensor([[0, 9, 9, 9, 2]]))
+    feats = policy.features_of(logits, masked, torch.tensor([[0, 9, 9, 9, 2]]), logits.argmax(-1))
     assert feats[0, :, 1].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]  # repeat: only position 1 ('a' is committed)
     assert feats[0, :, 2].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]  # clash: the less confident 'b'
     assert feats[0, [0, 4], 0].tolist() == [1.0, 1.0]  # committed: certain

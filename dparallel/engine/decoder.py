@@ -248,7 +248,7 @@ class Decoder:
         tokens, conf = self._propose(logits, canvas.x[:, span], masked[:, span], gen)
         w = slice(lo - first, hi - first)
         context = StepContext(
-            canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen, hidden
+            canvas.x, canvas.attention_mask, canvas.prompt_width, logits, first, (lo, hi), nfe, gen, hidden, tokens
         )
         in_block = canvas.x[:, lo:hi] == mask_id  # [B, W]
         offset = lo - canvas.prompt_width

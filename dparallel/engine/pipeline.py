@@ -18,6 +18,11 @@ from dparallel.engine.rules import Rule
 DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeConfig)}
 
 
+def is_component(manifest: dict) -> bool:
+    """Whether a folder's manifest is a component that rides on a base (not a whole model: base or student)."""
+    return manifest.get("component") not in (None, "base", "student")
+
+
 @dataclass
 class Generation:
     """One answer: its text, canvas tokens [G], the step each position was committed at, and the stats."""
@@ -48,7 +53,7 @@ class Pipeline:
 
         manifest = read_manifest(resolve_path(folder))
         require(
-            manifest.get("component") not in (None, "base", "student"),
+            is_component(manifest),
             f"{folder} is not a component (its dparallel.json has no component: filter, joint or policy)",
         )
         gen = Pipeline(self.adapter, {**self.defaults, **(manifest.get("decoding") or {})})
@@ -113,8 +118,8 @@ def load(
     device = pick_device(device)
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     manifest = read_manifest(resolve_path(path))
-    if manifest.get("component") not in (None, "base", "student"):  # a component: load its base, attach it
-        from dparallel.engine.components import attach, base_path
+    if is_component(manifest):  # load its base, attach it
+        from dparallel.engine.components import base_path
 
         folder = resolve_path(path)
         base = base_path(folder, manifest)
@@ -125,8 +130,6 @@ def load(
             device=device,
             revision=(manifest.get("base_model") or {}).get("revision"),
         )
-        gen = Pipeline(adapter, manifest.get("decoding"))
-        attach(gen, folder, manifest)
-        return gen
+        return Pipeline(adapter).with_component(folder)
     adapter = load_adapter(path, family=family, dtype=dtype, device=device, revision=revision)
     return Pipeline(adapter, manifest.get("decoding"))

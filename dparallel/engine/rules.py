@@ -62,6 +62,8 @@ class StepContext:
     generator: the sampler's random generator (sampling rules draw from it, so a seed reproduces a run)
     hidden: the base model's last hidden states aligned with ``logits`` (``output_head(hidden) == logits``),
         recorded only when the rule sets ``needs_hidden`` (other rules pay nothing)
+    proposed: [B, S] the candidate token per position of ``logits``' span (what ``Proposal.tokens`` holds on the
+        window): rules that compare proposals across the canvas read it instead of another argmax over [B, S, V]
     """
 
     x: torch.Tensor
@@ -73,6 +75,7 @@ class StepContext:
     nfe: torch.Tensor
     generator: torch.Generator | None = None
     hidden: torch.Tensor | None = None  # [B, S, H] last hidden states beside ``logits``; only for needs_hidden rules
+    proposed: torch.Tensor | None = None
 
 
 def token_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
