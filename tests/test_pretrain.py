@@ -11,7 +11,7 @@ from dparallel.data.sft import SuiteBatches, collate
 from dparallel.data.suite import is_correct
 from dparallel.methods.pretrain import mask_ratios, mdlm_loss
 
-PINNED_TEACHER = ["hgfdsapoiuytrewq", "adefghiopqrstuwy", "cabd, bdca, acdb, dbac", "fbomacpnhedilkjg"]
+PINNED_TEACHER = ["hgfdsapoiuytrewq", "adefghiopqrstuwy", "dcab, bacd, abdc, cdba", "fkconmpbjigelhad"]
 TINY = ["tiny.hidden_size=32", "tiny.intermediate_size=64", "tiny.num_hidden_layers=1", "tiny.num_attention_heads=2"]
 
 
