@@ -221,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # The one warning we cannot fix: Lightning's own code calling a torch API torch has deprecated.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # The policy steps its optimizer by hand (two GRPO updates per rollout batch); its checkpoint is meant to hold
+    # the state after the step, the one a resume continues from, which is what Lightning saves while it warns so.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     try:
         code = run(argv)
     except DParallelError as e:
