@@ -67,7 +67,7 @@ def test_filter_chain_records_dense_features_and_traces_the_filter_beside_the_he
     assert "dparallel quickstart filter: record -> train -> eval -> export" in out
     manifest = json.loads((run / "record" / "trajectories" / "manifest.json").read_text())
     assert manifest["record"]["features"] is True and manifest["decode"]["rule"] == "topk"
-    assert decoders_of(out)[:2] == ["sequential", "oracle"] and "filter-0.97-eotp" in decoders_of(out)
+    assert decoders_of(out)[:2] == ["sequential", "oracle"] and "filter-0.99-eotp" in decoders_of(out)
     families = json.loads((run / "eval.json").read_text())["frontier"]["families"]
     assert (families["oracle"]["kind"], families["confidence"]["kind"], families["filter"]["kind"]) == (
         "oracle", "heuristic", "method"

@@ -208,7 +208,7 @@ def test_fit_three_steps_and_save_a_loadable_filter(recorded):
     assert {"train/loss", "val/precision", "val/recall", "val/fpr"} <= set(header.split(","))
     manifest = json.loads((model_dir / "dparallel.json").read_text())
     assert manifest["component"] == "filter" and manifest["family"] == "tiny"
-    assert manifest["base_model"]["path"] == str(root / "base") and manifest["threshold"] == 0.97
+    assert manifest["base_model"]["path"] == str(root / "base") and manifest["threshold"] == 0.99
     assert (manifest["block_length"], manifest["features"], manifest["ids"]["mask"]) == (8, ["conf", "mask", "step"], 1)
     assert manifest["vocab_size"] == 100 and set(manifest["metrics"]) >= {"precision", "recall", "fpr"}
     assert not (model_dir / "model.safetensors").exists()  # the head only, never the base
