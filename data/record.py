@@ -87,12 +87,16 @@ def record(cfg: DictConfig) -> Path:
     return out
 
 
+# Decoding options added after recordings existed: they enter the hash only when set, so those recordings keep it.
+LATER_DECODE_KEYS = ("entropy_budget", "kl_budget")
+
+
 def _spec(cfg: DictConfig, decode, items: list[Item]) -> dict:
     """What makes a recording what it is (its hash names the folder's recipe): teacher, decoding, source, prompts."""
     rc = cfg.record
     return {
         "teacher": {k: cfg.model[k] for k in ("path", "family", "revision", "dtype")},
-        "decode": dataclasses.asdict(decode),
+        "decode": {k: v for k, v in dataclasses.asdict(decode).items() if v is not None or k not in LATER_DECODE_KEYS},
         "source": {**OmegaConf.to_container(rc.source), "name": source_name(rc.source)},
         "record": {
             **{k: rc[k] for k in ("shard_size", "features", "keep", "checker", "dedup")},

@@ -28,6 +28,10 @@ class JointConfig:
     """steps between val/kl evaluations (and at the start)"""
     max_records: int | None = ranged(None, 1)
     """use at most this many trajectories (None: all)"""
+    init: str | None = None
+    """start from this joint component folder (layer and error head) instead of a fresh layer"""
+    head_only: bool = False
+    """train the error head alone, the layer frozen as loaded from init (refit the stop signal of a trained layer)"""
 
 
 REWARDS = ("multiplicative", "additive")

@@ -12,6 +12,11 @@ sampler refreshes the block's distribution given the tokens just committed:
 family (LlamaDecoderLayer for tiny/LLaDA, Qwen2DecoderLayer for Dream) used bidirectionally over the block with the
 base's RoPE positions. The layer is recurrent (h_j is its own previous output) and ``RMSNorm_out`` starts at zero,
 so an untrained sampler *is* the marginal baseline. Training: :mod:`dparallel.samplers.joint_data`.
+
+A small error head reads the refreshed hidden states (detached: it never trains the layer) and predicts, per
+position, the KL from the teacher's distribution to the layer's, KL(p_base(x_{s+j}) || softmax(logits_j)) in nats:
+the error of sampling there from the layer instead of a full forward. ``kl_budget`` decoding stops a forward's
+commits once their summed predicted KL would pass the budget.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class JointSampler(nn.Module):
         self.rotary = rotary_cls(config=layer_config)  # inv_freq is a non-persistent buffer: not saved
         self.norm_out = nn.RMSNorm(h, eps=eps)
         nn.init.zeros_(self.norm_out.weight)  # h_1 = h0 at init: the sampler starts as the marginal
+        self.error_head = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, 1))
 
     def forward(
         self, token_emb: torch.Tensor, previous: torch.Tensor, base: torch.Tensor, positions: torch.Tensor
@@ -57,6 +63,11 @@ class JointSampler(nn.Module):
             x, attention_mask=everyone, position_ids=positions, position_embeddings=self.rotary(x, positions)
         )
         return base + self.norm_out(x)
+
+    def predicted_kl(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, W] the head's estimate (nats, >= 0) of KL(teacher || sampler) at each position of the refreshed
+        ``hidden`` [B, W, H]; the input is detached, so the head's loss never moves the layer."""
+        return nn.functional.softplus(self.error_head(hidden.detach())).squeeze(-1)
 
 
 def new_sampler(adapter: ModelAdapter) -> JointSampler:
@@ -73,11 +84,11 @@ def unroll(
     positions: torch.Tensor,
 ) -> torch.Tensor:
     """Run the sampler over the window states ``windows`` [B, d, W] (state after 1..d more tokens) from the base
-    hidden ``base`` [B, W, H]; returns the logits [B, W, V] at depth d (gradients flow through the whole chain)."""
+    hidden ``base`` [B, W, H]; returns the hidden states [B, W, H] at depth d (gradients flow through the chain)."""
     embed, h = adapter.input_embeddings(), base
     for j in range(windows.shape[1]):
         h = sampler(embed(windows[:, j]).to(base.dtype), h, base, positions)
-    return adapter.output_head()(h)
+    return h
 
 
 class JointRule(Marginal):
@@ -87,12 +98,36 @@ class JointRule(Marginal):
     name = "joint"
     needs_hidden = True
 
-    def __init__(self, sampler: JointSampler, adapter: ModelAdapter, k: int, temperature: float, eos_inf: bool):
-        super().__init__(k)
+    def __init__(
+        self,
+        sampler: JointSampler,
+        adapter: ModelAdapter,
+        k: int,
+        temperature: float,
+        eos_inf: bool,
+        entropy_budget: float | None = None,
+        kl_budget: float | None = None,
+    ):
+        super().__init__(k, entropy_budget)
         self.sampler, self.adapter = sampler, adapter
-        self.temperature, self.eos_inf = temperature, eos_inf
+        self.temperature, self.eos_inf, self.kl_budget = temperature, eos_inf, kl_budget
         self.calls: torch.Tensor | None = None
         self._previous: torch.Tensor | None = None
+        self._kl: torch.Tensor | None = None  # [B] predicted KL committed in this forward
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget is not None or self.kl_budget is not None
+
+    def over_budget(self, entropy: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        """Marginal's entropy budget, and the KL budget: the error head's predicted KL at each pick, summed over
+        the forward (the first pick comes from the full forward itself: no error, nothing added)."""
+        over = super().over_budget(entropy, pick)
+        if self.kl_budget is None or self._previous is None:  # no KL budget, or the forward's own first pick
+            return over
+        added = (self.sampler.predicted_kl(self._previous).float() * pick).sum(dim=1)
+        self._kl = added if self._kl is None else self._kl + added
+        return over | (self._kl > self.kl_budget)
 
     def begin_run(self, batch: int, device: torch.device) -> None:
         self.calls = torch.zeros(batch, dtype=torch.long, device=device)
@@ -104,15 +139,15 @@ class JointRule(Marginal):
         require(
             p.context is not None and p.context.hidden is not None, "the joint rule needs the engine's hidden states"
         )
-        self._previous = None  # a new full forward: the chain restarts from the base hidden states
+        self._previous, self._kl = None, None  # a new full forward: the chain restarts from the base hidden states
         return super().select(p)
 
     @torch.no_grad()
-    def refresh(self, p: Proposal, window: torch.Tensor) -> torch.Tensor | None:
+    def refresh(self, p: Proposal, window: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         ctx = p.context
         lo, hi = ctx.window
-        # [B] rows with masks left in the block; finished rows ride along uncounted (no host sync per sub-step)
-        active = (window == self.adapter.ids.mask).any(dim=1)
+        # [B] rows with masks left in the block that still commit in this forward; the others ride along uncounted
+        active = (window == self.adapter.ids.mask).any(dim=1) & rows
         base = ctx.hidden[:, lo - ctx.first : hi - ctx.first]  # [B, W, H]
         previous = base if self._previous is None else self._previous
         positions = position_ids_from_mask(ctx.attention_mask)[:, lo:hi]
@@ -167,6 +202,14 @@ def attach_joint(generator, folder: str | Path, manifest: dict | None = None) ->
 
     def make(config, explicit: dict) -> JointRule:
         require(config.cfg_scale <= 0, "the joint rule does not support cfg_scale > 0: set cfg_scale=0")
-        return JointRule(sampler, adapter, config.k, config.temperature, config.logits_eos_inf)
+        return JointRule(
+            sampler,
+            adapter,
+            config.k,
+            config.temperature,
+            config.logits_eos_inf,
+            config.entropy_budget,
+            config.kl_budget,
+        )
 
     generator.rules["joint"] = make

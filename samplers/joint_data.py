@@ -129,13 +129,17 @@ class WindowBatches(IterableDataset):
             i += 1
 
 
-def masked_kl(target: torch.Tensor, logits: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Mean over ``masked`` [B, W] positions of KL(softmax(target) || softmax(logits)), both [B, W, V], in float32.
-    The mask token is excluded from both distributions (the engine never proposes it)."""
+def position_kl(target: torch.Tensor, logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """KL(softmax(target) || softmax(logits)) per position [B, W] from [B, W, V] logits, in float32. The mask token
+    is excluded from both distributions (the engine never proposes it)."""
     target, logits = target.float().clone(), logits.float().clone()
     target[..., mask_id] = float("-inf")
     logits[..., mask_id] = float("-inf")
     log_p, log_q = target.log_softmax(-1), logits.log_softmax(-1)
     p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # [B, W]; 0 log 0 = 0
-    return kl[masked].mean()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # 0 log 0 = 0
+
+
+def masked_kl(target: torch.Tensor, logits: torch.Tensor, masked: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Mean over ``masked`` [B, W] positions of :func:`position_kl`."""
+    return position_kl(target, logits, mask_id)[masked].mean()

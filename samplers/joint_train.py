@@ -14,20 +14,31 @@ from dparallel.core.errors import require
 from dparallel.core.runtime import weights_dtype
 from dparallel.engine.components import save_component
 from dparallel.methods.base import DParallelModule
-from dparallel.samplers.joint import COMPONENT, JointSampler, new_sampler, unroll, window_inputs
+from dparallel.samplers.joint import COMPONENT, JointSampler, load_sampler, new_sampler, unroll, window_inputs
 
 
 def joint_loss(sampler: JointSampler, adapter: ModelAdapter, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``kl``: the sampler's forward KL at the batch's depth (the loss, with gradients through the chain);
-    ``kl_marginal``: the same KL for the base's own logits on x_s (no refresh), for reference."""
-    from dparallel.samplers.joint_data import masked_kl
+    """``kl``: the sampler's forward KL at the batch's depth, mean over the masked positions (with gradients through
+    the chain); ``error``: the error head's Huber loss against the KL at each window's pick (its own loss; the
+    head reads detached hidden states); ``kl_marginal``: the KL of the base's own logits on x_s (no refresh)."""
+    from dparallel.engine.rules import best_masked, token_statistics
+    from dparallel.samplers.joint_data import masked_kl, position_kl
 
     base, target, positions, masked = window_inputs(adapter, batch)
-    logits = unroll(sampler, adapter, base, batch["states"], positions)
+    hidden = unroll(sampler, adapter, base, batch["states"], positions)
     mask_id = adapter.ids.mask
+    logits = adapter.output_head()(hidden)
+    kl = position_kl(target, logits, mask_id)  # [B, W]
+    # The head is trained where decoding asks it: at each window's pick, the masked position of lowest refreshed
+    # entropy (the layer is most often confidently wrong exactly there). Huber (1 nat): a pick's KL is heavy-tailed
+    # (a wrong digit costs ~10 nats), and squared errors would dominate the gradient norm clipping shares.
     with torch.no_grad():
+        proposal = logits.detach().float().clone()  # as the rule's refresh: the mask token is never proposed
+        proposal[..., mask_id] = float("-inf")
+        pick = best_masked(-token_statistics(proposal)["entropy"], masked)  # [B, W] one-hot per window
         marginal = masked_kl(target, adapter.output_head()(base), masked, mask_id)
-    return {"kl": masked_kl(target, logits, masked, mask_id), "kl_marginal": marginal}
+    error = torch.nn.functional.smooth_l1_loss(sampler.predicted_kl(hidden)[pick].float(), kl.detach()[pick])
+    return {"kl": kl[masked].mean(), "error": error, "kl_marginal": marginal}
 
 
 class JointSamplerModule(DParallelModule):
@@ -47,7 +58,8 @@ class JointSamplerModule(DParallelModule):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         out = joint_loss(self.sampler, self.adapter, batch)
-        return out["kl"], {"kl_marginal": float(out["kl_marginal"]), "depth": float(batch["states"].shape[1])}
+        stats = {name: float(out[name].detach()) for name in ("kl", "error", "kl_marginal")}
+        return out["kl"] + out["error"], {**stats, "depth": float(batch["states"].shape[1])}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         every = max(1, self.cfg.joint.eval_every)
@@ -129,7 +141,11 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
         keep = np.random.default_rng(cfg.train.seed).choice(len(val), j.val_windows, replace=False)
         val.index = val.index[np.sort(keep)]
     torch.manual_seed(cfg.train.seed)
-    sampler = new_sampler(adapter).float()
+    sampler = new_sampler(adapter).float() if j.init is None else load_sampler(j.init, adapter).float().train()
+    if j.head_only:
+        require(j.init is not None, "joint.head_only=true refits the error head of a trained layer: set joint.init")
+        sampler.requires_grad_(False)
+        sampler.error_head.requires_grad_(True)
     ids = adapter.ids
     data = WindowBatches(train_windows, micro, ids.mask, ids.pad, cfg.train.seed, rank, world, start_batch)
     n_params = sum(p.numel() for p in sampler.parameters())

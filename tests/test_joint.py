@@ -88,8 +88,12 @@ def test_loss_starts_at_the_marginal_and_is_pinned(teacher):
     torch.nn.init.constant_(sampler.norm_out.weight, 0.5)
     out = joint_loss(sampler, adapter, batch)
     assert out["kl"].item() == pytest.approx(2.4831, abs=1e-4)
+    assert out["error"].item() == pytest.approx(2.4412, abs=1e-4)  # Huber, at each window's lowest-entropy mask
     out["kl"].backward()
     assert sampler.fuse.weight.grad.abs().sum() > 0  # gradients reach the layer through the frozen LM head
+    sampler.zero_grad(set_to_none=True)
+    joint_loss(sampler, adapter, batch)["error"].backward()  # the error head reads detached hidden states
+    assert sampler.fuse.weight.grad is None and sampler.error_head[0].weight.grad.abs().sum() > 0
     p, q = torch.tensor([[[2.0, 0.0, 1.0]]]), torch.tensor([[[0.0, 0.0, 0.0]]])
     expected = torch.tensor([2.0, 1.0]).softmax(-1) @ (torch.tensor([2.0, 1.0]).log_softmax(-1) - math.log(0.5))
     assert masked_kl(p, q, torch.tensor([[True]]), mask_id=1).item() == pytest.approx(expected.item())
@@ -132,6 +136,27 @@ def test_held_out_kl_falls_and_the_component_round_trips(trained):
     exported = export_run(run)
     assert json.loads((exported / "dparallel.json").read_text())["decoding"]["rule"] == "joint"
     assert fresh_process_tokens(exported, PROMPTS) == before  # its defaults: rule joint, k 4, gen 16, block 8
+
+
+def test_head_only_refit_moves_the_error_head_alone(trained, tmp_path):
+    """joint.init + joint.head_only: a short refit of a trained component changes its error head, not its layer
+    (so its tokens at a fixed k are the same); head_only without init is refused in one line."""
+    from safetensors.torch import load_file
+
+    _, model_dir = trained
+    overrides = [
+        f"run_dir={tmp_path / 'refit'}", "model.device=cpu", f"joint.trajectories={SEQUENTIAL}", "joint.depth=3",
+        "joint.val_windows=8", "train.max_steps=5", "train.global_batch_size=8", "train.warmup_steps=0",
+        f"decode.gen_length={GEN}", f"decode.block_length={BLOCK}",
+    ]  # fmt: skip
+    refit = train(
+        load_recipe("recipes/tiny/joint.yaml", [*overrides, f"joint.init={model_dir}", "joint.head_only=true"])
+    )
+    old, new = load_file(str(model_dir / "joint.safetensors")), load_file(str(refit / "joint.safetensors"))
+    moved = sorted(k for k in old if not torch.equal(old[k], new[k]))
+    assert moved and all(k.startswith("error_head.") for k in moved)
+    with pytest.raises(DParallelError, match="joint.head_only=true refits the error head .*set joint.init"):
+        train(load_recipe("recipes/tiny/joint.yaml", [*overrides, "joint.head_only=true"]))
 
 
 # ---- the rules ------------------------------------------------------------------------------------------------
@@ -178,6 +203,49 @@ def test_k_per_forward_nfe_and_sampler_calls(joint_gen, k):
             assert o.stats.nfe == (GEN // BLOCK) * per_block and joint_gen.adapter.ids.mask not in o.tokens
             assert o.stats.sampler_calls == calls  # k - 1 refreshes per forward, none after a block's last token
             assert sorted(np.bincount(o.order).tolist())[-1] <= k
+
+
+def test_entropy_budget_makes_k_a_cap(joint_gen):
+    """Under a vanishing budget k = 8 commits one token per forward (plus any of float32 entropy 0), so its tokens
+    are sequential's; an unbounded budget is plain k; in between a forward commits 1..k tokens, rows stay
+    independent (batched == unbatched) and joint refreshes only rows still committing."""
+    opts = dict(gen_length=GEN, block_length=BLOCK)
+
+    def seen(outs):
+        return [(o.tokens, o.stats.nfe, o.stats.sampler_calls) for o in outs]
+
+    for rule in ("marginal", "joint"):
+        seq = joint_gen.generate(PROMPTS, rule=rule, k=1, **opts)
+        tight = joint_gen.generate(PROMPTS, rule=rule, k=8, entropy_budget=1e-30, **opts)
+        assert [o.tokens for o in tight] == [o.tokens for o in seq]
+        plain = joint_gen.generate(PROMPTS, rule=rule, k=8, **opts)
+        loose = joint_gen.generate(PROMPTS, rule=rule, k=8, entropy_budget=1e9, **opts)
+        assert seen(loose) == seen(plain)
+    mid = joint_gen.generate(PROMPTS, rule="joint", k=8, entropy_budget=2.0, **opts)
+    for prompt, o in zip(PROMPTS, mid):
+        assert seen(joint_gen.generate([prompt], rule="joint", k=8, entropy_budget=2.0, **opts)) == seen([o])
+        # each forward commits c tokens after c - 1 refreshes, plus one more refresh where the budget closed it
+        assert 2 < o.stats.nfe <= GEN and GEN - o.stats.nfe <= o.stats.sampler_calls <= GEN
+        assert joint_gen.adapter.ids.mask not in o.tokens
+    # pinned on the tiny fit: the confident copy and sort rows take 3-4 forwards, the distinct row one token each
+    assert [(o.stats.nfe, o.stats.sampler_calls) for o in mid] == [(4, 14), (16, 14), (3, 14)]
+
+
+def test_kl_budget_stops_where_the_error_head_predicts_error(joint_gen):
+    """The error head's predicted KL is > 0, so a vanishing KL budget is sequential decoding, one token a forward;
+    an unbounded one is plain k; marginal decoding has no head and refuses the option."""
+    opts = dict(gen_length=GEN, block_length=BLOCK)
+    seq = joint_gen.generate(PROMPTS, rule="joint", k=1, **opts)
+    tight = joint_gen.generate(PROMPTS, rule="joint", k=8, kl_budget=1e-30, **opts)
+    assert [(o.tokens, o.stats.nfe) for o in tight] == [(o.tokens, GEN) for o in seq]
+    plain = joint_gen.generate(PROMPTS, rule="joint", k=8, **opts)
+    loose = joint_gen.generate(PROMPTS, rule="joint", k=8, kl_budget=1e9, **opts)
+    assert [(o.tokens, o.stats.nfe) for o in loose] == [(o.tokens, o.stats.nfe) for o in plain]
+    mid = joint_gen.generate(PROMPTS, rule="joint", k=8, kl_budget=0.05, **opts)
+    # pinned on the tiny fit: 5-7 forwards for 16 tokens, where the head lets some forwards commit several
+    assert [(o.stats.nfe, o.stats.sampler_calls) for o in mid] == [(7, 14), (7, 14), (5, 14)]
+    with pytest.raises(DParallelError, match="kl_budget=0.1 needs the joint rule .*set rule=joint"):
+        joint_gen.generate(PROMPTS, rule="marginal", k=8, kl_budget=0.1, **opts)
 
 
 def test_untrained_sampler_is_the_marginal(teacher):

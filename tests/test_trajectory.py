@@ -144,9 +144,12 @@ def test_resume_skips_finished_shards_and_matches_an_uninterrupted_run(model, tm
     assert not list(out.glob(".shard-*")) and not (out / "shard-00001" / "junk").exists()
     assert rows(out) == rows(whole)
     assert T.read_manifest(out)["config_hash"] == T.read_manifest(whole)["config_hash"]
+    assert "entropy_budget" not in T.read_manifest(whole)["decode"]  # a later option, unset: earlier hashes hold
     (out / T.MANIFEST).unlink()  # resuming into shards of another recipe is refused before any weights load
     with pytest.raises(DParallelError, match="shard-00000 was recorded with another recipe"):
         record(recipe(model, tmp_path / "part", "decode.remasking=random"))
+    with pytest.raises(DParallelError, match="shard-00000 was recorded with another recipe"):
+        record(recipe(model, tmp_path / "part", "decode.rule=marginal", "decode.entropy_budget=0.5"))
 
 
 def test_batched_features_shapes(model, tmp_path):

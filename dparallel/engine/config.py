@@ -66,8 +66,19 @@ class DecodeConfig:
     """EoTP: none | accepted (a committed EOS/EoT fills the rest) | any (cut at a proposed one)"""
     k: int = ranged(1, 1)
     """marginal | joint: tokens committed per full forward (k - 1 sampler-layer refreshes for joint)"""
+    entropy_budget: float | None = ranged(None, 0, above=True)
+    """marginal | joint: k becomes a cap; a forward stops committing once its commits' summed entropy would pass
+    this many nats (its first commit always goes; joint sums the refreshed, conditional entropies); unset: always k"""
+    kl_budget: float | None = ranged(None, 0, above=True)
+    """joint: k becomes a cap; a forward stops committing once the sampler's error head predicts its commits' summed
+    KL from the teacher would pass this many nats (with entropy_budget: whichever closes first); unset: always k"""
 
     def validate(self) -> None:
+        require(
+            self.kl_budget is None or self.rule == "joint",
+            f"kl_budget={self.kl_budget} needs the joint rule (its error head predicts the KL): set rule=joint "
+            "or drop kl_budget",
+        )
         require(self.gen_length > 0, f"gen_length={self.gen_length} must be positive")
         require(
             self.block_length > 0 and self.gen_length % self.block_length == 0,

@@ -101,6 +101,7 @@ class Decoder:
             threshold=config.threshold,
             factor=config.factor,
             k=config.k,
+            entropy_budget=config.entropy_budget,
             factor_mode=config.factor_mode,
             topk_ties=config.topk_ties,
         )

@@ -295,17 +295,36 @@ class Marginal(Rule):
     """k tokens per full forward: sub-step j = 0..k-1 commits the lowest-entropy masked position of the window and
     writes its candidate token. Without a refresh every sub-step reads the same (marginal) logits, so this is the
     k lowest-entropy positions sampled independently: the baseline the joint sampler refreshes
-    (:meth:`refresh`). With k = 1 it is sequential decoding by entropy. Blocks of W masks take ceil(W / k) forwards."""
+    (:meth:`refresh`). With k = 1 it is sequential decoding by entropy. Blocks of W masks take ceil(W / k) forwards.
+
+    ``entropy_budget`` (nats) makes k a cap: a row stops committing in this forward at the first sub-step whose
+    commit would lift the forward's summed entropy sum_j H_j above the budget (sub-step 0 always commits). Under a
+    refresh H_j is conditional on the forward's earlier commits, so by the chain rule the sum *is* the entropy of
+    the committed tokens' joint distribution, H(X_1..X_j) = sum_i H(X_i | X_<i); under marginal logits it is an
+    upper bound on it (the EB-sampler's bound)."""
 
     name = "marginal"
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, entropy_budget: float | None = None):
         require(isinstance(k, int) and k >= 1, f"k={k} tokens per full forward must be an integer >= 1")
-        self.k = k
+        self.k, self.budget = k, entropy_budget
+        self._spent: torch.Tensor | None = None  # [B] nats of entropy committed in this forward
 
-    def refresh(self, p: Proposal, window: torch.Tensor) -> torch.Tensor | None:
+    @property
+    def budgeted(self) -> bool:
+        """True when a budget can end a forward before its k-th commit."""
+        return self.budget is not None
+
+    def over_budget(self, entropy: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
+        """[B] True where adding this sub-step's ``pick`` [B, W] (its ``entropy`` [B, W]) passes the forward's budget;
+        called once per sub-step, the first included (its entropy counts, though it always commits)."""
+        spent = (entropy * pick).sum(dim=1)
+        self._spent = spent if self._spent is None else self._spent + spent
+        return self._spent > self.budget if self.budget is not None else torch.zeros_like(pick[:, 0])
+
+    def refresh(self, p: Proposal, window: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """New window logits [B, W, V] after this forward's commits so far (``window`` [B, W]: the block with them
-        written); None keeps the marginal logits."""
+        written; ``rows`` [B]: the rows still committing in this forward); None keeps the marginal logits."""
         return None
 
     def candidates(self, p: Proposal, logits: torch.Tensor) -> torch.Tensor:
@@ -316,13 +335,20 @@ class Marginal(Rule):
         masked, commit = p.masked.clone(), torch.zeros_like(p.masked)
         entropy, candidates = token_statistics(p.logits)["entropy"], p.tokens
         window = p.context.x[:, p.context.window[0] : p.context.window[1]] if p.context is not None else None
+        rows = torch.ones(masked.shape[0], dtype=torch.bool, device=masked.device)  # [B] still committing
+        self._spent = None
         for j in range(self.k):
             pick = best_masked(-entropy, masked)  # [B, W] one-hot (empty in finished rows)
+            if self.budgeted:
+                over = self.over_budget(entropy, pick)
+                rows = rows & ~over if j > 0 else rows  # a forward's first commit always goes
+                pick = pick & rows[:, None]
             p.tokens = torch.where(pick, candidates, p.tokens)
             commit, masked = commit | pick, masked & ~pick
-            if j + 1 == self.k or window is None:
-                continue
-            logits = self.refresh(p, torch.where(commit, p.tokens, window))
+            # one host sync per sub-step, only under a budget: stop once every row has closed its forward
+            if j + 1 == self.k or window is None or (self.budgeted and not bool(rows.any())):
+                break
+            logits = self.refresh(p, torch.where(commit, p.tokens, window), rows)
             if logits is not None:
                 entropy, candidates = token_statistics(logits)["entropy"], self.candidates(p, logits)
         return commit
@@ -336,6 +362,7 @@ def build_rule(
     threshold: float,
     factor: float,
     k: int = 1,
+    entropy_budget: float | None = None,
     factor_mode: str = "paper",
     topk_ties: str = "lowest_index",
 ) -> Rule:
@@ -355,7 +382,7 @@ def build_rule(
         require(factor > 0.0 and math.isfinite(factor), f"factor {factor} must be a positive number")
         return Factor(factor, factor_mode)
     if name == "marginal":
-        return Marginal(k)
+        return Marginal(k, entropy_budget)
     raise DParallelError(
         f"unknown decoding rule {name!r}: built in are topk, confidence, ltr, entropy, factor, marginal; `filter` "
         "needs a filter component (dparallel.load(FILTER_FOLDER)), `oracle` a reference "
