@@ -30,7 +30,7 @@ def joint_loss(sampler: JointSampler, adapter: ModelAdapter, batch: dict[str, to
     logits = adapter.output_head()(hidden)
     kl = position_kl(target, logits, mask_id)  # [B, W]
     # The head is trained where decoding asks it: at each window's pick, the masked position of lowest refreshed
-    # entropy (the layer is most often confidently wrong exactly there). Huber (1 nat): a pick's KL is heavy-tailed
+    # entropy (where a confidently wrong layer does its harm). Huber (1 nat): a pick's KL is heavy-tailed
     # (a wrong digit costs ~10 nats), and squared errors would dominate the gradient norm clipping shares.
     with torch.no_grad():
         proposal = logits.detach().float().clone()  # as the rule's refresh: the mask token is never proposed
@@ -118,6 +118,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     j, (rank, world) = cfg.joint, rank_world()
     require(j.depth >= 1 and 1 <= j.k <= j.depth + 1, f"joint.depth={j.depth}, joint.k={j.k}: need 1 <= k <= depth + 1")
     require(j.val_by in ("records", "windows"), f"joint.val_by={j.val_by!r}: use records or windows")
+    require(not j.head_only or j.init, "joint.head_only=true refits the error head of a trained layer: set joint.init")
     records, manifest = load_sequential_records(j.trajectories, j.max_records)
     if j.val_by == "records":
         train_records, val_records = split_records(records, j.val_fraction, cfg.train.seed)
@@ -143,7 +144,6 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     torch.manual_seed(cfg.train.seed)
     sampler = new_sampler(adapter).float() if j.init is None else load_sampler(j.init, adapter).float().train()
     if j.head_only:
-        require(j.init is not None, "joint.head_only=true refits the error head of a trained layer: set joint.init")
         sampler.requires_grad_(False)
         sampler.error_head.requires_grad_(True)
     ids = adapter.ids
