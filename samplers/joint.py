@@ -125,7 +125,10 @@ class JointRule(Marginal):
         over = super().over_budget(entropy, pick)
         if self.kl_budget is None or self._previous is None:  # no KL budget, or the forward's own first pick
             return over
-        added = (self.sampler.predicted_kl(self._previous).float() * pick).sum(dim=1)
+        # the head on the picked position only: [B, 1, H] (rows with no pick read position 0 and add nothing)
+        index = pick.float().argmax(dim=1)[:, None, None].expand(-1, 1, self._previous.shape[-1])
+        picked = self._previous.gather(1, index)
+        added = self.sampler.predicted_kl(picked)[:, 0].float() * pick.any(dim=1)
         self._kl = added if self._kl is None else self._kl + added
         return over | (self._kl > self.kl_budget)
 

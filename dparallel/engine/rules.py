@@ -345,7 +345,8 @@ class Marginal(Rule):
                 pick = pick & rows[:, None]
             p.tokens = torch.where(pick, candidates, p.tokens)
             commit, masked = commit | pick, masked & ~pick
-            # one host sync per sub-step, only under a budget: stop once every row has closed its forward
+            # one host sync per sub-step, only under a budget: without it a forward whose rows have all closed
+            # would still pay its remaining k - 1 - j refreshes (a sampler-layer call each under joint)
             if j + 1 == self.k or window is None or (self.budgeted and not bool(rows.any())):
                 break
             logits = self.refresh(p, torch.where(commit, p.tokens, window), rows)
