@@ -79,12 +79,7 @@ def record_examples(
     tokens, order, pred = np.asarray(record["tokens"]), np.asarray(record["order"]), np.asarray(record["pred"])
     steps, g, w = int(record["steps"]), tokens.size, block_length
     require(g % w == 0, f"filter.block_length={w} does not divide the records' canvas of {g}")
-    pos = np.arange(g)
-    # the active block of step s: the block of the first position committed at s (EOS filling may reach further)
-    first = np.full(steps, g)
-    np.minimum.at(first, order, pos)
-    require((first < g).all(), "a recorded step commits nothing: the trajectory is malformed")
-    start = (first // w) * w  # [S]
+    start = block_starts(order, steps, w)  # [S]
     cols = start[:, None] + np.arange(w)[None, :]  # [S, W]
     s = np.arange(steps)[:, None]
     block_order = order[cols]
@@ -98,6 +93,16 @@ def record_examples(
         "label": proposed == final,
         "step": np.arange(steps) - block_start_step,
     }
+
+
+def block_starts(order: np.ndarray, steps: int, block_length: int) -> np.ndarray:
+    """[S] the first position of the block active at each step: the block of the first position committed there
+    (EOS filling may reach further)."""
+    g = order.size
+    first = np.full(steps, g)
+    np.minimum.at(first, order, np.arange(g))
+    require((first < g).all(), "a recorded step commits nothing: the trajectory is malformed")
+    return (first // block_length) * block_length
 
 
 def build_examples(
