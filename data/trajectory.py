@@ -325,6 +325,20 @@ def select_records(
     return records
 
 
+def balance_records(records: list[dict], groups: Sequence[str]) -> list[dict]:
+    """Every group as large as the largest: group g's records repeat in order (``g[i % len(g)]``) up to the
+    largest group's count, interleaved across groups (group order: first seen). ``groups[i]`` names record i's group.
+
+    What a task with few distinct prompts needs beside thousands of another's: the suite's ``distinct`` has 20 train
+    prompts, 0.3% of 6,774 records, and a student trained on them unbalanced forgets it (docs/methods/distill.md)."""
+    require(len(records) == len(groups), f"{len(records)} records but {len(groups)} group names")
+    by: dict[str, list[dict]] = {}
+    for record, group in zip(records, groups):
+        by.setdefault(group, []).append(record)
+    most = max((len(v) for v in by.values()), default=0)
+    return [v[i % len(v)] for i in range(most) for v in by.values()]
+
+
 def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """A seeded split by record (never by step: a record's steps are strongly correlated)."""
     import torch

@@ -203,6 +203,25 @@ def test_epoch_sampler_splits_ranks_and_resumes():
     assert list(islice(EpochSampler(10, 0, 2, seed=1, start=3), 9)) == full[3:]
 
 
+def test_balance_tasks_repeats_the_small_tasks_up_to_the_largest():
+    folder = str(Path(__file__).parent / "fixtures" / "trajectories-sequential")
+    plain = distill.load_records(folder)  # correct ones: copy 16, reverse 16, sort 12, distinct 5
+    balanced = distill.load_records(folder, balance_tasks=True)
+    assert len(plain) == 49 and len(balanced) == 64
+    key = lambda r: tuple(r["tokens"].tolist())  # noqa: E731
+    counts: dict[tuple, int] = {}
+    for r in balanced:
+        counts[key(r)] = counts.get(key(r), 0) + 1
+    # every record kept; a distinct record 3 or 4 times (16 = 3 x 5 + 1), a copy record once
+    assert set(counts) == {key(r) for r in plain}
+    assert sorted(counts.values()) == [1] * 32 + [1] * 8 + [2] * 4 + [3] * 4 + [4]
+    # interleaved by round in the order tasks are first seen (copy, reverse, sort, distinct: the fixture's first
+    # four); round 1 holds each task's second record, round 5 distinct's first again (it has 5)
+    tokens = lambda rows, idx: [rows[i]["tokens"].tolist() for i in idx]  # noqa: E731
+    assert tokens(balanced, range(4, 8)) == tokens(plain, (4, 5, 6, 10))
+    assert tokens(balanced, [23]) == tokens(plain, [3])
+
+
 def test_missing_trajectory_reader_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "dparallel.data.trajectory", None)
     with pytest.raises(DParallelError, match="trajectory"):

@@ -99,6 +99,8 @@ class DistillConfig:
     """drop trajectories whose meta marks the teacher's answer as wrong"""
     max_records: int | None = ranged(None, 1)
     """use at most this many trajectories (None: all)"""
+    balance_tasks: bool = False
+    """repeat each task's trajectories (meta.task, else meta.source) up to the largest task's count"""
     shuffle: bool = True
     """reshuffle the trajectories every epoch"""
     save_dtype: str = "bfloat16"

@@ -186,17 +186,25 @@ class CertaintyForcingModule(DParallelModule):
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
-def load_records(path: str, only_correct: bool = True, max_records: int | None = None) -> list[dict]:
+def load_records(
+    path: str, only_correct: bool = True, max_records: int | None = None, balance_tasks: bool = False
+) -> list[dict]:
     """Trajectory records (prompt_ids, tokens as int arrays) from a recorded folder; records the teacher got wrong
-    are dropped when ``only_correct``."""
+    are dropped when ``only_correct``; with ``balance_tasks`` every task's records repeat up to the largest task's
+    count (:func:`~dparallel.data.trajectory.balance_records`)."""
     try:
-        from dparallel.data.trajectory import select_records
+        from dparallel.data.trajectory import balance_records, select_records
     except ImportError as e:
         raise DParallelError(
             f"cannot read trajectories: the trajectory reader dparallel.data.trajectory is missing ({e})"
         ) from None
     hint = "run `dparallel record` first or set distill.trajectories"
-    return select_records(path, ("prompt_ids", "tokens"), hint, only_correct, max_records)
+    records = select_records(path, ("prompt_ids", "tokens", "meta"), hint, only_correct, max_records, arrays=False)
+    arrays = [{"prompt_ids": np.asarray(r["prompt_ids"]), "tokens": np.asarray(r["tokens"])} for r in records]
+    if not balance_tasks:
+        return arrays
+    meta = [r["meta"] or {} for r in records]
+    return balance_records(arrays, [str(m.get("task") or m.get("source")) for m in meta])
 
 
 class TrajectoryBatches(Dataset):
@@ -263,7 +271,7 @@ def build(cfg: DictConfig, micro: int, start_batch: int):
     d = cfg.distill
     _ratio_range(d.mask_ratio)  # fail on bad options before reading data or loading weights
     require(not (d.complementary and d.single_pass), "distill.single_pass needs distill.complementary=false")
-    data_records = load_records(d.trajectories, d.only_correct_records, d.max_records)
+    data_records = load_records(d.trajectories, d.only_correct_records, d.max_records, d.balance_tasks)
     adapter = load_adapter(
         cfg.model.path,
         family=cfg.model.family,
