@@ -10,7 +10,7 @@ for forwards: a head at precision 0.998 commits that share of the positions whos
   [H] is the frozen base's last hidden state at position i on the recorded state x_s (``state_at``), the input
   the logits (and so every statistic) are a function of. Logit = block head's logit + the per-position one.
 
-    python bench/filter_probe.py runs/record-features/trajectories   # ~3 min on 2 cores; prints one line per head
+    python bench/filter_probe.py runs/record-features/trajectories   # ~4 min on 2 cores; prints one line per head
 """
 
 from __future__ import annotations
