@@ -23,16 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dparallel.adapters.load import load_adapter
+from dparallel.data.suite import FAMILIES, TASK_FAMILY
 from dparallel.data.trajectory import select_records, split_records, state_at
 from dparallel.filters.learn2pd import block_starts, build_examples
 from dparallel.filters.rule import FilterHead, block_features
 
 FEATURES = ["conf", "entropy", "margin", "mask", "step", "repeat", "clash"]
-FAMILIES = {"one": ("copy", "reverse", "sort", "insert_index"), "reasoning": ("sum", "chain")}  # else: many
-
-
-def family(task: str) -> str:
-    return next((f for f, tasks in FAMILIES.items() if task in tasks), "many")
 
 
 @torch.no_grad()
@@ -98,14 +94,14 @@ def main(path: str) -> None:
     ex = {n: build_examples(r, 32, ["conf", "entropy", "margin"], True) for n, r in (("train", train), ("val", val))}
     x = {n: block_features(e.stats, e.masked, e.step, FEATURES) for n, e in ex.items()}
     hidden = {"train": block_hidden(adapter, train), "val": block_hidden(adapter, val)}
-    fam = np.repeat([family(r["meta"]["task"]) for r in val], [int(r["steps"]) for r in val])
+    fam = np.repeat([TASK_FAMILY[r["meta"]["task"]] for r in val], [int(r["steps"]) for r in val])
     heads = {"stats": (FilterHead(32, FEATURES, 64), None), "hidden": (HiddenHead(hidden["val"].shape[-1]), hidden)}
     for name, (head, h) in heads.items():
         fit(head, x["train"], h["train"] if h else None, ex["train"])
         with torch.no_grad():
             prob = torch.sigmoid(head(x["val"], h["val"]) if h else head(x["val"]))
         cells = []
-        for f in ("one", "many", "reasoning", "all"):
+        for f in (*FAMILIES, "all"):
             rows = torch.from_numpy(fam == f) if f != "all" else torch.ones(len(fam), dtype=torch.bool)
             m = ex["val"].masked & rows[:, None]
             cells += [f"{f} {recall_at(prob[m], ex['val'].label[m], p):.3f}@{p}" for p in (0.995, 0.998, 0.999)]

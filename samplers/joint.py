@@ -30,7 +30,7 @@ from dparallel.adapters.base import ModelAdapter, position_ids_from_mask
 from dparallel.adapters.folder import read_manifest
 from dparallel.core.errors import require
 from dparallel.engine.components import load_weights
-from dparallel.engine.rules import Marginal, Proposal
+from dparallel.engine.rules import Marginal, Proposal, forbid_proposals
 
 COMPONENT = "joint"
 
@@ -157,11 +157,9 @@ class JointRule(Marginal):
         embed = self.adapter.input_embeddings()
         self._previous = self.sampler(embed(window).to(base.dtype), previous, base, positions)
         self.calls += active.long()
+        ids = self.adapter.ids
         logits = self.adapter.output_head()(self._previous).float()
-        logits[:, :, self.adapter.ids.mask] = float("-inf")  # as the engine's proposal: never the mask token
-        if self.eos_inf:
-            logits[:, :, self.adapter.ids.eos] = float("-inf")
-        return logits
+        return forbid_proposals(logits, ids.mask, ids.eos if self.eos_inf else None)  # as the engine's proposal
 
     def candidates(self, p: Proposal, logits: torch.Tensor) -> torch.Tensor:
         from dparallel.engine.decoder import add_gumbel_noise

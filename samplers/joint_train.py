@@ -21,7 +21,7 @@ def joint_loss(sampler: JointSampler, adapter: ModelAdapter, batch: dict[str, to
     """``kl``: the sampler's forward KL at the batch's depth, mean over the masked positions (with gradients through
     the chain); ``error``: the error head's Huber loss against the KL at each window's pick (its own loss; the
     head reads detached hidden states); ``kl_marginal``: the KL of the base's own logits on x_s (no refresh)."""
-    from dparallel.engine.rules import best_masked, token_statistics
+    from dparallel.engine.rules import best_masked, forbid_proposals, token_statistics
     from dparallel.samplers.joint_data import masked_kl, position_kl
 
     base, target, positions, masked = window_inputs(adapter, batch)
@@ -33,8 +33,7 @@ def joint_loss(sampler: JointSampler, adapter: ModelAdapter, batch: dict[str, to
     # entropy (where a confidently wrong layer does its harm). Huber (1 nat): a pick's KL is heavy-tailed
     # (a wrong digit costs ~10 nats), and squared errors would dominate the gradient norm clipping shares.
     with torch.no_grad():
-        proposal = logits.detach().float().clone()  # as the rule's refresh: the mask token is never proposed
-        proposal[..., mask_id] = float("-inf")
+        proposal = forbid_proposals(logits.detach().float().clone(), mask_id)  # as the rule's refresh
         pick = best_masked(-token_statistics(proposal)["entropy"], masked)  # [B, W] one-hot per window
         marginal = masked_kl(target, adapter.output_head()(base), masked, mask_id)
     error = torch.nn.functional.smooth_l1_loss(sampler.predicted_kl(hidden)[pick].float(), kl.detach()[pick])

@@ -18,7 +18,15 @@ from dparallel.adapters.base import ModelAdapter
 from dparallel.core.errors import require
 from dparallel.engine.cache import ContextCache, build_cache
 from dparallel.engine.config import DecodeConfig, DecodeStats
-from dparallel.engine.rules import NEG_INF, Proposal, Rule, StepContext, build_rule, token_statistics
+from dparallel.engine.rules import (
+    NEG_INF,
+    Proposal,
+    Rule,
+    StepContext,
+    build_rule,
+    forbid_proposals,
+    token_statistics,
+)
 
 
 @dataclass
@@ -121,9 +129,7 @@ class Decoder:
         """Candidate tokens [B, L] and their confidence [B, L] (-inf where not masked), LLaDA's way."""
         cfg, ids = self.config, self.adapter.ids
         # In place, as LLaDA edits its logits (no [B, L, V] copy per step); rules and features see the same logits.
-        logits[:, :, ids.mask] = NEG_INF  # never propose the mask token itself (a block would never finish)
-        if cfg.logits_eos_inf:
-            logits[:, :, ids.eos] = NEG_INF
+        forbid_proposals(logits, ids.mask, ids.eos if cfg.logits_eos_inf else None)
         tokens = add_gumbel_noise(logits, cfg.temperature, gen).argmax(dim=-1)
         if cfg.remasking == "random":
             conf = torch.rand(tokens.shape, dtype=torch.float32, device=x.device, generator=gen)

@@ -96,6 +96,15 @@ def token_statistics(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def forbid_proposals(logits: torch.Tensor, mask_id: int, eos_id: int | None = None) -> torch.Tensor:
+    """``logits`` [..., V] in place: the mask token (a block would never finish) and ``eos_id`` when given
+    (``logits_eos_inf``) are never proposed. The engine's proposal and the joint sampler's refresh and training."""
+    logits[..., mask_id] = NEG_INF
+    if eos_id is not None:
+        logits[..., eos_id] = NEG_INF
+    return logits
+
+
 STATISTICS = ("conf", "entropy", "margin")  # the keys of :func:`token_statistics`
 
 
